@@ -1,0 +1,45 @@
+"""Installs resdet under one import name.
+
+``backbones/`` and ``heads/`` live at the repository top level but install as ``resdet.backbones`` and
+``resdet.heads`` (``package_dir``), so nothing shadows a user's own ``backbones`` module.
+"""
+from setuptools import find_packages, setup
+
+_top_level = {"backbones": "resdet.backbones", "heads": "resdet.heads"}
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    packages = [p for p in find_packages(include=["resdet", "resdet.*"])]
+    package_dir = {"resdet": "resdet"}
+    for folder, name in _top_level.items():
+        package_dir[name] = folder
+        packages.append(name)
+        packages += [f"{name}.{sub}" for sub in find_packages(where=folder)]
+    # Configs ship as package data under resdet/configs.
+    package_dir["resdet.configs"] = "configs"
+    packages.append("resdet.configs")
+    return packages, package_dir
+
+
+packages, package_dir = _packages()
+
+setup(
+    name="resdet",
+    version="0.1.0",
+    description="ResNet-backbone detection and segmentation (Faster/Mask R-CNN, semantic FPN) for PyTorch",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir=package_dir,
+    package_data={"resdet.configs": ["*.yaml", "**/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "timm>=1.0",
+        "pycocotools>=2.0.7",
+        "albumentations>=1.4",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
