@@ -1,2 +1,31 @@
 """Detection and segmentation heads: RPN, RoI box head, mask head, semantic head."""
-__all__: list[str] = []
+from .anchors import AnchorGenerator
+from .box_ops import BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_regression_loss
+from .mask_head import MaskHead, MaskPredictor, mask_loss, paste_masks
+from .poolers import MultiScaleRoIAlign
+from .roi_heads import ConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
+from .rpn import RegionProposalNetwork, RPNHead
+
+__all__ = [
+    "AnchorGenerator",
+    "BalancedPositiveNegativeSampler",
+    "BoxCoder",
+    "Matcher",
+    "box_regression_loss",
+    "MaskHead",
+    "MaskPredictor",
+    "mask_loss",
+    "paste_masks",
+    "MultiScaleRoIAlign",
+    "ConvFCHead",
+    "FastRCNNPredictor",
+    "RoIHeads",
+    "TwoMLPHead",
+    "RegionProposalNetwork",
+    "RPNHead",
+    # Semantic segmentation (helper F) adds SemanticFPNHead below.
+]
+
+from .semantic_head import SemanticFPNHead  # noqa: E402  (helper F)
+
+__all__ += ["SemanticFPNHead"]

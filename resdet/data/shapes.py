@@ -1,0 +1,260 @@
+"""The built-in synthetic dataset: coloured shapes on textured backgrounds, written in COCO format.
+
+A new user trains and evaluates without downloading anything: ``generate(root)`` writes
+``images/{split}/*.jpg``, ``sem_seg/{split}/*.png`` (0 background, 1..K) and
+``annotations/instances_{split}.json`` (instance masks as RLE or polygons) for "train" and "val".
+
+The task is built to be learnable in minutes on a CPU: four classes that differ by outline (circle, square,
+triangle, cross — each with random rotation, aspect and colour), 1–4 objects per image, objects a sizeable
+fraction of the image, occlusion limited so every object keeps most of its area visible. Everything is drawn
+with OpenCV from a per-image seeded generator, so a seed always gives byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal, NamedTuple
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from .base import Transform
+from .coco import CocoDataset
+from .convert import encode_rle
+
+__all__ = ["CLASS_NAMES", "ShapesSplit", "generate", "ShapesDataset", "draw_sample"]
+
+CLASS_NAMES = ("circle", "square", "triangle", "cross")
+_FORMAT_VERSION = 1
+
+
+class ShapesSplit(NamedTuple):
+    """Where one generated split lives (arguments for ``CocoDataset``)."""
+
+    image_dir: str
+    ann_file: str
+    sem_seg_dir: str
+
+
+def _outline(kind: str, center: np.ndarray, size: float, angle: float, aspect: float) -> np.ndarray:
+    """Polygon (float [P, 2]) of a shape whose longer extent is about ``size`` pixels."""
+    if kind == "circle":
+        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        points = np.stack([np.cos(t), np.sin(t)], 1) * 0.5
+    elif kind == "square":
+        points = np.array([[-0.5, -0.5], [0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]]) * [1.0, aspect]
+    elif kind == "triangle":
+        t = np.deg2rad([90, 210, 330])
+        points = np.stack([np.cos(t), -np.sin(t)], 1) * 0.55
+    elif kind == "cross":
+        a, b = 0.5, 0.17
+        points = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b],
+                           [-a, b], [-a, -b], [-b, -b]])
+    else:
+        raise ValueError(f"unknown shape {kind!r}, expected one of {CLASS_NAMES}")
+    c, s = np.cos(angle), np.sin(angle)
+    rotation = np.array([[c, -s], [s, c]])
+    return points @ rotation.T * size + center
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Colour gradient plus blotchy low-frequency texture and pixel noise."""
+    base = rng.uniform(40, 215, size=3)
+    tilt = rng.uniform(-50, 50, size=(2, 3))
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = base + ys[..., None] / height * tilt[0] + xs[..., None] / width * tilt[1]
+    coarse = rng.normal(0, 18, size=(max(2, height // 16), max(2, width // 16), 3)).astype(np.float32)
+    image = image + cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    for _ in range(int(rng.integers(0, 4))):  # a few thin distractor lines
+        p1 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        p2 = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        colour = tuple(float(v) for v in rng.uniform(0, 255, size=3))
+        cv2.line(image, p1, p2, colour, 1, cv2.LINE_AA)
+    return image
+
+
+def draw_sample(rng: np.random.Generator, height: int, width: int, *, num_objects: tuple[int, int] = (1, 4),
+                object_size: tuple[float, float] = (0.16, 0.45), max_occlusion: float = 0.25,
+                noise: float = 6.0) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """Draws one image.
+
+    Returns:
+        (image uint8 [H, W, 3], [(label 1..K, visible mask bool [H, W]), ...]).
+    """
+    image = _background(rng, height, width)
+    short = min(height, width)
+    count = int(rng.integers(num_objects[0], num_objects[1] + 1))
+    full_masks: list[np.ndarray] = []
+    labels: list[int] = []
+    union = np.zeros((height, width), dtype=bool)
+    for _ in range(count):
+        for _attempt in range(20):
+            label = int(rng.integers(1, len(CLASS_NAMES) + 1))
+            size = rng.uniform(*object_size) * short
+            center = rng.uniform([size * 0.4, size * 0.4], [width - size * 0.4, height - size * 0.4])
+            polygon = _outline(CLASS_NAMES[label - 1], center, size, rng.uniform(0, 2 * np.pi),
+                               rng.uniform(0.6, 1.0))
+            mask = np.zeros((height, width), dtype=np.uint8)
+            cv2.fillPoly(mask, [np.round(polygon).astype(np.int32)], 1, cv2.LINE_8)
+            mask = mask.astype(bool)
+            area = mask.sum()
+            if area < 64:
+                continue
+            # The new shape lies on top: it may hide at most `max_occlusion` of any earlier shape, and
+            # may itself overlap the union only a little.
+            if (mask & union).sum() > max_occlusion * area:
+                continue
+            if any((mask & m).sum() > max_occlusion * m.sum() for m in full_masks):
+                continue
+            break
+        else:
+            continue
+        base_colour = rng.uniform(0, 255, size=3)
+        local = image[mask].mean(0)
+        while np.abs(base_colour - local).sum() < 150:  # keep contrast with the background under it
+            base_colour = rng.uniform(0, 255, size=3)
+        shade = rng.uniform(-25, 25, size=3)
+        ys = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None, None]
+        image = np.where(mask[..., None], base_colour + shade * ys, image)
+        full_masks.append(mask)
+        labels.append(label)
+        union |= mask
+    image = image + rng.normal(0, noise, size=image.shape)
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    # Visible part of each shape: later shapes cover earlier ones.
+    objects = []
+    covered = np.zeros((height, width), dtype=bool)
+    for label, mask in reversed(list(zip(labels, full_masks))):
+        visible = mask & ~covered
+        covered |= mask
+        if visible.sum() >= 32:
+            objects.append((label, visible))
+    objects.reverse()
+    return image, objects
+
+
+def _polygons(mask: np.ndarray) -> list[list[float]]:
+    # Contours run through the centres of boundary pixels, which would shave half a pixel off every side.
+    # Tracing the mask upsampled 2x and mapping back puts the vertices a quarter pixel outside the original
+    # pixel centres, which pycocotools rasterizes back to exactly the same pixels.
+    up = cv2.resize(mask.astype(np.uint8), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [((c.reshape(-1, 2).astype(np.float64) + 0.5) / 2).ravel().tolist() for c in contours if len(c) >= 3]
+
+
+def _write_split(root: str, split: str, num_images: int, height: int, width: int, seed: int, split_index: int,
+                 mask_format: str, draw_options: dict[str, Any]) -> ShapesSplit:
+    paths = ShapesSplit(os.path.join(root, "images", split), os.path.join(root, "annotations",
+                        f"instances_{split}.json"), os.path.join(root, "sem_seg", split))
+    for folder in (paths.image_dir, paths.sem_seg_dir, os.path.dirname(paths.ann_file)):
+        os.makedirs(folder, exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        rng = np.random.default_rng([seed, split_index, i])
+        image, objects = draw_sample(rng, height, width, **draw_options)
+        name = f"{i:06d}"
+        cv2.imwrite(os.path.join(paths.image_dir, name + ".jpg"), image[:, :, ::-1],
+                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+        semantic = np.zeros((height, width), dtype=np.uint8)
+        for label, mask in objects:
+            semantic[mask] = label
+        cv2.imwrite(os.path.join(paths.sem_seg_dir, name + ".png"), semantic)
+        images.append({"id": i + 1, "file_name": name + ".jpg", "height": height, "width": width})
+        for label, mask in objects:
+            if mask_format == "rle":
+                segmentation = encode_rle(mask)
+            else:  # box and area of the polygon as pycocotools rasterizes it, so mask and box agree
+                segmentation = _polygons(mask)
+                if not segmentation:
+                    continue
+                mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width)))
+                if mask.sum() < 16:
+                    continue
+            ys, xs = np.nonzero(mask)
+            x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": int(mask.sum()), "iscrowd": 0,
+                                "segmentation": segmentation})
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
+    with open(paths.ann_file, "w") as f:
+        json.dump({"info": {"description": f"resdet synthetic shapes, {split}, seed {seed}"}, "images": images,
+                   "annotations": annotations, "categories": categories}, f)
+    return paths
+
+
+def generate(root: str, *, num_train: int = 400, num_val: int = 100, image_size: int | tuple[int, int] = 128,
+             seed: int = 0, num_objects: tuple[int, int] = (1, 4), object_size: tuple[float, float] = (0.16, 0.45),
+             max_occlusion: float = 0.25, mask_format: Literal["rle", "polygon"] = "rle",
+             overwrite: bool = False) -> dict[str, ShapesSplit]:
+    """Writes the synthetic shapes dataset under ``root`` (or reuses it when it was written with the same
+    arguments and ``overwrite`` is False).
+
+    Args:
+        root: output folder.
+        num_train, num_val: images per split.
+        image_size: side of square images, or (height, width).
+        seed: the whole dataset is a function of the arguments and this seed.
+        num_objects: (min, max) shapes per image.
+        object_size: (min, max) shape extent as a fraction of the shorter image side.
+        max_occlusion: largest fraction of a shape that later shapes may cover.
+        mask_format: COCO segmentation as compressed "rle" or "polygon".
+        overwrite: regenerate even when a matching dataset exists.
+
+    Returns:
+        {"train": ShapesSplit, "val": ShapesSplit}.
+    """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if min(height, width) < 32:
+        raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
+    if not 1 <= num_objects[0] <= num_objects[1]:
+        raise ValueError(f"num_objects must be (min, max) with 1 <= min <= max, got {num_objects}")
+    if not 0 < object_size[0] <= object_size[1] <= 1:
+        raise ValueError(f"object_size must be (min, max) fractions in (0, 1], got {object_size}")
+    if mask_format not in ("rle", "polygon"):
+        raise ValueError(f"mask_format must be 'rle' or 'polygon', got {mask_format!r}")
+    options = {"num_objects": tuple(num_objects), "object_size": tuple(object_size), "max_occlusion": max_occlusion}
+    meta = {"version": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "image_size": [height, width],
+            "seed": seed, "mask_format": mask_format, **{k: list(v) if isinstance(v, tuple) else v
+                                                         for k, v in options.items()}}
+    meta_path = os.path.join(root, "shapes_meta.json")
+    splits = {}
+    if not overwrite and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            if json.load(f) == meta:
+                for split in ("train", "val"):
+                    splits[split] = ShapesSplit(os.path.join(root, "images", split),
+                                                os.path.join(root, "annotations", f"instances_{split}.json"),
+                                                os.path.join(root, "sem_seg", split))
+                if all(os.path.isfile(s.ann_file) for s in splits.values()):
+                    return splits
+    os.makedirs(root, exist_ok=True)
+    if os.path.isfile(meta_path):
+        os.remove(meta_path)  # an interrupted run must not look complete
+    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
+        splits[split] = _write_split(root, split, count, height, width, seed, split_index, mask_format, options)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return splits
+
+
+class ShapesDataset(CocoDataset):
+    """``CocoDataset`` over a split written by ``generate`` (``sem_seg`` included when ``with_sem_seg``).
+
+    Args:
+        root: the folder passed to ``generate``.
+        split: "train" or "val".
+        transforms, remove_empty, with_masks: as for ``CocoDataset``.
+        with_sem_seg: also return ``sem_seg`` (0 background, 1..4).
+    """
+
+    def __init__(self, root: str, split: Literal["train", "val"] = "train", *, transforms: Transform | None = None,
+                 with_masks: bool = True, with_sem_seg: bool = False, remove_empty: bool = False) -> None:
+        image_dir = os.path.join(root, "images", split)
+        ann_file = os.path.join(root, "annotations", f"instances_{split}.json")
+        if not os.path.isfile(ann_file):
+            raise FileNotFoundError(f"{ann_file!r} not found: write the dataset first with "
+                                    f"resdet.data.shapes.generate({root!r})")
+        super().__init__(image_dir, ann_file, transforms=transforms, remove_empty=remove_empty,
+                         with_masks=with_masks,
+                         sem_seg_dir=os.path.join(root, "sem_seg", split) if with_sem_seg else None)
