@@ -1,0 +1,95 @@
+"""Normalization layers selectable by name: ``bn``, ``frozen_bn``, ``sync_bn``, ``gn``."""
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["NORMS", "FrozenBatchNorm2d", "get_norm", "is_norm"]
+
+NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d whose statistics and affine parameters are fixed buffers.
+
+    Holds the same state-dict keys as ``nn.BatchNorm2d`` (``weight``, ``bias``, ``running_mean``,
+    ``running_var``) so ImageNet checkpoints load unchanged; ``num_batches_tracked`` is ignored.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Per-channel affine map; reshape to [1, C, 1, 1] to broadcast over N, H, W.
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    @classmethod
+    def convert_frozen_batchnorm(cls, module: nn.Module) -> nn.Module:
+        """Return ``module`` with every BatchNorm2d / SyncBatchNorm replaced by a frozen copy."""
+        if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            frozen = cls(module.num_features, eps=module.eps)
+            if module.affine:
+                frozen.weight.copy_(module.weight.detach())
+                frozen.bias.copy_(module.bias.detach())
+            if module.running_mean is not None and module.running_var is not None:
+                frozen.running_mean.copy_(module.running_mean)
+                frozen.running_var.copy_(module.running_var)
+            return frozen
+        for name, child in module.named_children():
+            new_child = cls.convert_frozen_batchnorm(child)
+            if new_child is not child:
+                setattr(module, name, new_child)
+        return module
+
+
+def get_norm(norm: str, channels: int, *, gn_groups: int = 32) -> nn.Module:
+    """Build the normalization layer named ``norm`` for ``channels`` channels.
+
+    Args:
+        norm: one of ``bn``, ``frozen_bn``, ``sync_bn``, ``gn``.
+        channels: number of feature channels.
+        gn_groups: groups for GroupNorm (reduced to a divisor of ``channels`` when needed).
+    """
+    if norm == "bn":
+        return nn.BatchNorm2d(channels)
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d(channels)
+    if norm == "sync_bn":
+        return nn.SyncBatchNorm(channels)
+    if norm == "gn":
+        groups = min(gn_groups, channels)
+        while channels % groups:
+            groups -= 1
+        return nn.GroupNorm(groups, channels)
+    raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for every normalization layer :func:`get_norm` can build."""
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, FrozenBatchNorm2d))

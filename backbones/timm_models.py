@@ -1,0 +1,258 @@
+"""resdet ResNets as timm classifiers: ``timm.create_model("resdet_resnet50", ...)``.
+
+:class:`ResNetClassifier` is the detection :class:`~resdet.backbones.resnet.ResNet` (same stages, same
+torchvision parameter names) plus timm's pooling + ``fc`` head and timm's model interface
+(``feature_info``, ``forward_intermediates``, ``reset_classifier``, ``group_matcher`` ...), so every
+features_only wrapper and ImageNet checkpoints of torchvision and timm work. Registered with timm's
+public API on ``import resdet``; names are prefixed ``resdet_`` and never replace timm's own.
+"""
+from contextlib import nullcontext
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_classifier, register_notrace_function
+from timm.models import build_model_with_cfg, generate_default_cfgs, is_model, register_model
+from timm.models._features import feature_take_indices
+
+from .resnet import LEVELS, BasicBlock, Block, Bottleneck, ResNet, check_image_batch
+
+__all__ = ["MODEL_NAMES", "ResNetClassifier"]
+
+# FX feature extraction (features_only, feature_cls="fx") calls the input check instead of tracing it.
+register_notrace_function(check_image_batch)
+
+
+class ResNetClassifier(ResNet):
+    """ImageNet-style classifier on the resdet ResNet trunk, honouring timm's model contract.
+
+    ``feature_info`` follows timm's resnet layout: index 0 is the stride-2 stem (``act1``, 64 channels),
+    indices 1..4 are ``layer1..layer4`` (C2..C5).
+
+    Args:
+        block: :class:`BasicBlock` or :class:`Bottleneck`.
+        layers: blocks per stage.
+        num_classes: classifier outputs (0: no classifier, ``forward`` returns pooled features).
+        in_chans: input channels.
+        global_pool: timm pooling type (``avg``, ``max``, ``avgmax``, ``catavgmax``, ``""`` for none).
+        drop_rate: dropout before the classifier.
+        output_stride: 32, 16 or 8 (dilation in the last stages).
+        groups: ResNeXt cardinality.
+        width_per_group: bottleneck width per group.
+        norm: ``bn``, ``frozen_bn``, ``sync_bn`` or ``gn``.
+        zero_init_residual: zero the last norm scale of every block.
+        device: device to build parameters on (e.g. ``"meta"``).
+        dtype: parameter dtype.
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        layers: tuple[int, ...],
+        *,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        output_stride: int = 32,
+        groups: int = 1,
+        width_per_group: int = 64,
+        norm: str = "bn",
+        zero_init_residual: bool = False,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        with torch.device(device) if device is not None else nullcontext():
+            super().__init__(
+                block,
+                layers,
+                out_features=LEVELS,
+                in_chans=in_chans,
+                norm=norm,
+                zero_init_residual=zero_init_residual,
+                output_stride=output_stride,
+                groups=groups,
+                width_per_group=width_per_group,
+            )
+            self.num_classes = num_classes
+            self.drop_rate = drop_rate
+            self.grad_checkpointing = False
+            shapes = self.output_shape()
+            self.feature_info = [dict(num_chs=64, reduction=2, module="act1")] + [
+                dict(num_chs=s.channels, reduction=s.stride, module=f"layer{i + 1}")
+                for i, s in enumerate(shapes.values())
+            ]
+            self.num_features = self.head_hidden_size = shapes["c5"].channels
+            self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    # ------------------------------------------------------------------------------ timm interface
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Regexes grouping parameters into stem and blocks (layer-wise LR decay, freezing)."""
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every residual block in the backward pass (saves activation memory)."""
+        self.grad_checkpointing = enable
+        for m in self.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                m.with_cp = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "fc" if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head by a fresh one with ``num_classes`` outputs (0: identity)."""
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        device = self.conv1.weight.device
+        dtype = self.conv1.weight.dtype
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.global_pool.to(device=device)
+        self.fc.to(device=device, dtype=dtype)
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, list[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[Tensor], tuple[Tensor, list[Tensor]]]:
+        """Features of the stem (index 0) and stages (1..4), timm's convention.
+
+        Args:
+            x: image batch ``[N, in_chans, H, W]``.
+            indices: last n features if int, all if None, those listed otherwise.
+            norm: unused (no final norm in a ResNet).
+            stop_early: stop after the last requested feature.
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list of features.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_image_batch(x, self.in_chans)
+        take_indices, max_index = feature_take_indices(5, indices)
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        names = ("layer1", "layer2", "layer3", "layer4")
+        for i, name in enumerate(names[:max_index] if stop_early else names, start=1):
+            x = getattr(self, name)(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, list[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages (and head) not needed for features ``indices``; returns the kept indices."""
+        take_indices, max_index = feature_take_indices(5, indices)
+        for name in ("layer1", "layer2", "layer3", "layer4")[max_index:]:
+            setattr(self, name, nn.Sequential())
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        if max_index < 4:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or max_index < 4:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Unpooled C5 features ``[N, num_features, H / 32, W / 32]``."""
+        check_image_batch(x, self.in_chans)
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool, dropout and classify (``pre_logits``: stop before ``fc``)."""
+        x = self.global_pool(x)
+        if self.drop_rate > 0.0:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """Logits ``[N, num_classes]`` (or pooled / unpooled features after ``reset_classifier``)."""
+        return self.forward_head(self.forward_features(x))
+
+
+def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv1",
+        "classifier": "fc",
+        "license": "bsd-3-clause",
+        "origin_url": "https://github.com/pytorch/vision",
+        **kwargs,
+    }
+
+
+_TV = "https://download.pytorch.org/models/"
+# torchvision's ImageNet weights load unchanged (same parameter names); downloaded only on pretrained=True.
+default_cfgs = generate_default_cfgs(
+    {
+        "resdet_resnet18.tv_in1k": _cfg(_TV + "resnet18-f37072fd.pth"),
+        "resdet_resnet34.tv_in1k": _cfg(_TV + "resnet34-b627a593.pth"),
+        "resdet_resnet50.tv_in1k": _cfg(_TV + "resnet50-0676ba61.pth"),
+        "resdet_resnet101.tv_in1k": _cfg(_TV + "resnet101-63fe2227.pth"),
+        "resdet_resnet152.tv_in1k": _cfg(_TV + "resnet152-394f9c45.pth"),
+        "resdet_resnext50_32x4d.tv_in1k": _cfg(_TV + "resnext50_32x4d-7cdf4587.pth"),
+        "resdet_wide_resnet50_2.tv_in1k": _cfg(_TV + "wide_resnet50_2-95faca4d.pth"),
+    }
+)
+
+_ARCHS: dict[str, dict[str, Any]] = {
+    "resdet_resnet18": dict(block=BasicBlock, layers=(2, 2, 2, 2)),
+    "resdet_resnet34": dict(block=BasicBlock, layers=(3, 4, 6, 3)),
+    "resdet_resnet50": dict(block=Bottleneck, layers=(3, 4, 6, 3)),
+    "resdet_resnet101": dict(block=Bottleneck, layers=(3, 4, 23, 3)),
+    "resdet_resnet152": dict(block=Bottleneck, layers=(3, 8, 36, 3)),
+    "resdet_resnext50_32x4d": dict(block=Bottleneck, layers=(3, 4, 6, 3), groups=32, width_per_group=4),
+    "resdet_wide_resnet50_2": dict(block=Bottleneck, layers=(3, 4, 6, 3), width_per_group=128),
+}
+MODEL_NAMES = tuple(_ARCHS)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNetClassifier:
+    return build_model_with_cfg(ResNetClassifier, variant, pretrained, **dict(_ARCHS[variant], **kwargs))
+
+
+def _make_entrypoint(variant: str):
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> ResNetClassifier:
+        return _create(variant, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = variant
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"resdet {variant[len('resdet_'):]} classifier (torchvision parameter names)."
+    return entrypoint
+
+
+for _variant in MODEL_NAMES:
+    # register_model reads this module's default_cfgs; skip names timm (or a reload) already holds.
+    if not is_model(_variant):
+        globals()[_variant] = register_model(_make_entrypoint(_variant))
