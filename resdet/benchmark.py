@@ -1,0 +1,260 @@
+"""Side-by-side benchmark of resdet detectors against torchvision's same architecture.
+
+Both models are built in one process with the same depth, the same weights (torchvision's random
+initialisation copied into resdet with :func:`resdet.models.from_torchvision`), the same settings and
+the same images, so they do the same work; timings alternate between the two models so background
+load hits both alike, and medians are reported.
+
+Inference uses resdet's :meth:`GeneralizedRCNN.optimize_for_inference` (BatchNorm folded into convs,
+channels-last) — the documented way to deploy a resdet detector — against torchvision's model as is.
+Training steps (forward, backward, SGD step with learning rate 0 so the work stays equal) use both
+models unmodified (frozen BatchNorm).
+
+CPU peak memory is the rise of the process's peak resident set (``VmHWM`` after resetting it via
+``/proc/self/clear_refs``); run with ``MALLOC_MMAP_THRESHOLD_=65536`` (``tools/benchmark.py`` sets it)
+so large tensors are returned to the OS when freed and the figure tracks live memory. CUDA peak memory
+is ``torch.cuda.max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["build_pair", "benchmark_pair", "format_rows", "Row"]
+
+
+@dataclass
+class Row:
+    """One measured quantity for both models."""
+
+    model: str
+    metric: str
+    resdet: float
+    torchvision: float
+    unit: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.resdet / self.torchvision if self.torchvision else float("nan")
+
+
+def build_pair(
+    arch: str, depth: str, *, num_classes: int = 91, box_score_thresh: float = 0.0, seed: int = 0, **settings
+) -> tuple[nn.Module, nn.Module]:
+    """Returns (resdet model, torchvision model) of ``arch`` ("faster"|"mask") on ``depth`` with equal weights.
+
+    torchvision's model is built like ``fasterrcnn_resnet50_fpn`` with pretrained weights (frozen
+    BatchNorm, conv1 and layer1 frozen) on ``resnet_fpn_backbone(backbone_name=depth)``.
+    ``box_score_thresh`` defaults to 0 so random weights still give 100 detections per image and the
+    mask branch and mask pasting run as they would on a trained model. ``settings`` are further
+    keyword arguments of torchvision's ``FasterRCNN`` / ``MaskRCNN`` (e.g. ``rpn_post_nms_top_n_test``);
+    resdet's model reads them from torchvision's.
+    """
+    from torchvision.models.detection import FasterRCNN, MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from resdet.models import from_torchvision
+
+    if arch not in ("faster", "mask"):
+        raise ValueError(f"arch must be 'faster' or 'mask', got {arch!r}")
+    torch.manual_seed(seed)
+    body = resnet_fpn_backbone(backbone_name=depth, weights=None, trainable_layers=3, norm_layer=FrozenBatchNorm2d)
+    cls = FasterRCNN if arch == "faster" else MaskRCNN
+    tv = cls(body, num_classes=num_classes, box_score_thresh=box_score_thresh, **settings)
+    rd = from_torchvision(tv, box_score_thresh=box_score_thresh)
+    return rd, tv
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _interleaved_times(fns: list[Callable[[], object]], iters: int, warmup: int, device: torch.device) -> list[float]:
+    """Median seconds per call of each fn, calls alternating between the fns."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(iters):
+        for k, fn in enumerate(fns):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _read_status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory (MiB) ``fn`` needs above what is live before it runs."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    base = _read_status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    fn()
+    return (_read_status_kib("VmHWM") - base) / 1024
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating point operations of one call (matmuls and convolutions, via FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _set_min_size(model: nn.Module, min_size: int, max_size: int) -> None:
+    model.transform.min_size = (min_size,)
+    model.transform.max_size = max_size
+
+
+def _synthetic_image(h: int, w: int, device: torch.device, generator: torch.Generator) -> Tensor:
+    # Smooth blobs plus noise: closer to a photo than pure noise, deterministic.
+    low = torch.rand(3, max(h // 32, 1), max(w // 32, 1), generator=generator)
+    img = torch.nn.functional.interpolate(low[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    img = (img + 0.1 * torch.rand(3, h, w, generator=generator)).clamp(0, 1)
+    return img.to(device)
+
+
+def _synthetic_targets(n: int, h: int, w: int, masks: bool, device: torch.device, g: torch.Generator) -> list[dict]:
+    targets = []
+    for _ in range(n):
+        k = 5
+        xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        wh = 16 + torch.rand(k, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        t = {"boxes": boxes.to(device), "labels": torch.randint(1, 91, (k,), generator=g).to(device)}
+        if masks:
+            m = torch.zeros(k, h, w, dtype=torch.uint8)
+            for j, (x1, y1, x2, y2) in enumerate(boxes.round().long().tolist()):
+                m[j, y1:y2, x1:x2] = 1
+            t["masks"] = m.to(device)
+        targets.append(t)
+    return targets
+
+
+def benchmark_pair(
+    arch: str,
+    depth: str,
+    *,
+    sizes: tuple[tuple[int, int], ...] = ((800, 1066), (320, 427)),
+    iters: int = 5,
+    warmup: int = 1,
+    train_size: tuple[int, int] = (320, 427),
+    train_batch: int = 4,
+    train_iters: int = 3,
+    device: str = "cpu",
+    amp: bool = False,
+    measure: tuple[str, ...] = ("infer", "train", "memory", "flops"),
+    settings: dict | None = None,
+) -> list[Row]:
+    """Measures one architecture for resdet and torchvision; returns the rows (see the module docstring).
+
+    ``settings``: torchvision detector keyword arguments applied to both models (see :func:`build_pair`).
+    """
+    dev = torch.device(device)
+    name = f"{arch}_rcnn_{depth}_fpn"
+    rd, tv = build_pair(arch, depth, **(settings or {}))
+    rows = [
+        Row(name, "params", sum(p.numel() for p in rd.parameters()) / 1e6,
+            sum(p.numel() for p in tv.parameters()) / 1e6, "M"),
+    ]
+    rd_train = None
+    if "train" in measure:
+        import copy
+
+        rd_train = copy.deepcopy(rd).to(dev).train()
+    rd = rd.to(dev).optimize_for_inference()
+    tv = tv.to(dev).eval()
+    g = torch.Generator().manual_seed(0)
+    autocast = torch.autocast(device_type=dev.type) if amp else contextlib.nullcontext()
+
+    def infer(model: nn.Module, image: Tensor) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode(), autocast:
+                return model([image])
+        return run
+
+    for h, w in sizes:
+        image = _synthetic_image(h, w, dev, g)
+        for model in (rd, tv):
+            _set_min_size(model, min(h, w), max(1333, max(h, w)))
+        fns = [infer(rd, image), infer(tv, image)]
+        ndet = len(fns[0]()[0]["boxes"])
+        if "infer" in measure:
+            t = _interleaved_times(fns, iters, warmup, dev)
+            rows.append(Row(name, f"infer {h}x{w}", t[0] * 1e3, t[1] * 1e3, "ms", {"detections": ndet}))
+        if "memory" in measure:
+            m = [peak_memory_mib(fn, dev) for fn in fns]
+            rows.append(Row(name, f"infer peak mem {h}x{w}", m[0], m[1], "MiB"))
+        if "flops" in measure:
+            f = [count_flops(fn) / 1e9 for fn in fns]
+            rows.append(Row(name, f"infer GFLOPs {h}x{w}", f[0], f[1], "GFLOP"))
+    if rd_train is not None:
+        del rd
+        h, w = train_size
+        images = [_synthetic_image(h, w, dev, g) for _ in range(train_batch)]
+        targets = _synthetic_targets(train_batch, h, w, arch == "mask", dev, g)
+        tv.train()
+        for model in (rd_train, tv):
+            _set_min_size(model, min(h, w), max(1333, max(h, w)))
+        # lr 0: the step runs in full but both models keep equal weights, hence equal proposals and the
+        # same number of positive RoIs (the mask branch's cost) in every step.
+        opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0) for m in (rd_train, tv)]
+
+        def step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], object]:
+            def run() -> object:
+                with autocast:
+                    loss = sum(model(images, targets).values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                return loss
+            return run
+
+        fns = [step(rd_train, opts[0]), step(tv, opts[1])]
+        t = _interleaved_times(fns, train_iters, warmup, dev)
+        rows.append(Row(name, f"train step b{train_batch} {h}x{w}", t[0] * 1e3, t[1] * 1e3, "ms"))
+        if "memory" in measure:
+            m = [peak_memory_mib(fn, dev) for fn in fns]
+            rows.append(Row(name, f"train peak mem b{train_batch} {h}x{w}", m[0], m[1], "MiB"))
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    """A fixed-width table: model, metric, resdet, torchvision, ratio resdet/torchvision."""
+    lines = [f"{'model':<24} {'metric':<30} {'resdet':>10} {'torchvision':>12} {'ratio':>7}  unit"]
+    for r in rows:
+        lines.append(
+            f"{r.model:<24} {r.metric:<30} {r.resdet:>10.2f} {r.torchvision:>12.2f} {r.ratio:>7.3f}  {r.unit}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""Two-stage detector composition: transform → backbone (ResNet + FPN) → RPN → RoI heads → postprocess.
+
+Shape shorthand:
+    N   images in the batch;  C image channels;  H, W original size of one image
+    G   ground-truth objects of one image
+    D   detections of one image
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NoReturn
+
+import torch
+from torch import Tensor, nn
+
+from .transform import DetectionTransform
+
+__all__ = ["GeneralizedRCNN", "validate_inputs"]
+
+
+def _fail(index: int, what: str) -> NoReturn:
+    raise ValueError(f"image {index}: {what}")
+
+
+def validate_inputs(
+    images: Sequence[Tensor],
+    targets: Sequence[dict[str, Tensor]] | None,
+    *,
+    num_classes: int,
+    in_chans: int,
+    training: bool,
+    require_masks: bool = False,
+) -> None:
+    """Checks a detector's inputs and raises ``ValueError`` naming the image index and the bad value.
+
+    Args:
+        images: list of Tensor[C, H, W], floating point in [0, 1].
+        targets: per-image dicts with ``boxes`` (Tensor[G, 4] xyxy, x2 > x1 and y2 > y1), ``labels``
+            (int64 Tensor[G] in 1..num_classes-1) and, for Mask R-CNN, ``masks`` (Tensor[G, H, W]).
+            Required when ``training``.
+        num_classes: classes including background.
+        in_chans: expected C.
+        training: whether targets are required.
+        require_masks: whether ``masks`` must be present in every target (Mask R-CNN training).
+    """
+    if isinstance(images, Tensor) or not isinstance(images, (list, tuple)):
+        raise ValueError(f"images must be a list of Tensor[C, H, W], got {type(images).__name__}")
+    if len(images) == 0:
+        raise ValueError("images is an empty list; expected at least one Tensor[C, H, W]")
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor):
+            _fail(i, f"expected a Tensor[C, H, W], got {type(image).__name__}")
+        if image.dim() != 3:
+            _fail(i, f"expected a Tensor[C, H, W] of rank 3, got shape {tuple(image.shape)}")
+        if not image.is_floating_point():
+            _fail(i, f"expected a floating point image in [0, 1], got dtype {image.dtype}")
+        if image.shape[0] != in_chans:
+            _fail(i, f"expected {in_chans} channels, got {image.shape[0]} (shape {tuple(image.shape)})")
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            _fail(i, f"empty image of shape {tuple(image.shape)}")
+    if targets is None:
+        if training:
+            raise ValueError("targets are required in training mode (model.train()); got None")
+        return
+    if len(targets) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+    for i, (image, target) in enumerate(zip(images, targets)):
+        if not isinstance(target, dict):
+            _fail(i, f"target must be a dict, got {type(target).__name__}")
+        for key in ("boxes", "labels"):
+            if key not in target:
+                _fail(i, f"target is missing '{key}' (keys: {sorted(target)})")
+        boxes, labels = target["boxes"], target["labels"]
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            _fail(i, f"boxes must be a Tensor[G, 4], got {getattr(boxes, 'shape', type(boxes).__name__)}")
+        if not boxes.is_floating_point():
+            _fail(i, f"boxes must be floating point xyxy pixels, got dtype {boxes.dtype}")
+        if not isinstance(labels, Tensor) or labels.dim() != 1:
+            _fail(i, f"labels must be a Tensor[G], got {getattr(labels, 'shape', type(labels).__name__)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            _fail(i, f"labels must be an integer tensor, got dtype {labels.dtype}")
+        if labels.shape[0] != boxes.shape[0]:
+            _fail(i, f"{boxes.shape[0]} boxes but {labels.shape[0]} labels")
+        if boxes.numel():
+            if not torch.isfinite(boxes).all():
+                bad = int(torch.nonzero(~torch.isfinite(boxes).all(dim=1))[0])
+                _fail(i, f"box {bad} is not finite: {boxes[bad].tolist()}")
+            degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+            if degenerate.any():
+                bad = int(torch.nonzero(degenerate)[0])
+                _fail(i, f"box {bad} is degenerate (needs x2 > x1 and y2 > y1): {boxes[bad].tolist()}")
+            out_of_range = (labels < 1) | (labels >= num_classes)
+            if out_of_range.any():
+                bad = int(torch.nonzero(out_of_range)[0])
+                _fail(i, f"label {int(labels[bad])} of object {bad} is outside 1..{num_classes - 1}")
+        if "masks" in target:
+            masks = target["masks"]
+            if not isinstance(masks, Tensor) or masks.dim() != 3:
+                _fail(i, f"masks must be a Tensor[G, H, W], got {getattr(masks, 'shape', type(masks).__name__)}")
+            if masks.shape[0] != boxes.shape[0]:
+                _fail(i, f"{boxes.shape[0]} boxes but {masks.shape[0]} masks")
+            if tuple(masks.shape[-2:]) != tuple(image.shape[-2:]):
+                _fail(i, f"masks are {tuple(masks.shape[-2:])} but the image is {tuple(image.shape[-2:])}")
+        elif require_masks and training:
+            _fail(i, "target is missing 'masks' (Tensor[G, H, W] uint8), required to train Mask R-CNN")
+
+
+class GeneralizedRCNN(nn.Module):
+    """Faster / Mask R-CNN: built parts composed, with the input transform inside the model.
+
+    Train mode: ``model(images, targets)`` returns a dict of losses (``loss_objectness``,
+    ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg`` and for Mask R-CNN ``loss_mask``).
+    Eval mode: ``model(images)`` returns per image a dict with ``boxes`` (Tensor[D, 4] xyxy in original
+    pixels), ``labels`` (int64 Tensor[D]), ``scores`` (Tensor[D]) and, with a mask head, ``masks``
+    (Tensor[D, 1, H, W] probabilities).
+
+    Args:
+        backbone: ``BackboneWithFPN`` returning features named p2..p6, with ``out_channels``.
+        rpn: ``RegionProposalNetwork``.
+        roi_heads: ``RoIHeads`` (with or without the mask branch).
+        transform: ``DetectionTransform``.
+        num_classes: classes including background; read from ``roi_heads.box_predictor.cls_score``
+            when omitted. Used to validate labels.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        rpn: nn.Module,
+        roi_heads: nn.Module,
+        transform: DetectionTransform,
+        *,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        if num_classes is None:
+            num_classes = int(roi_heads.box_predictor.cls_score.out_features)
+        self.num_classes = num_classes
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the RoI heads carry a mask branch."""
+        return getattr(self.roi_heads, "mask_predictor", None) is not None
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """See the class docstring; ``images`` are Tensor[C, H, W] float in [0, 1], any sizes."""
+        validate_inputs(
+            images,
+            targets,
+            num_classes=self.num_classes,
+            in_chans=self.transform.in_chans,
+            training=self.training,
+            require_masks=self.has_masks,
+        )
+        if not self.training:
+            targets = None
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        batch, image_sizes, targets = self.transform(images, targets)
+        features = self.backbone(batch)
+        if self.transform.channels_last:
+            # RoIAlign reads NCHW memory; convert each level once instead of once per RoIAlign call.
+            features = {k: v.contiguous() for k, v in features.items()}
+        proposals, rpn_losses = self.rpn(batch, image_sizes, features, targets)
+        detections, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        return self.transform.postprocess(detections, image_sizes, original_sizes)
+
+    @torch.no_grad()
+    def optimize_for_inference(self, *, channels_last: bool = True) -> GeneralizedRCNN:
+        """Makes CPU/GPU inference faster without changing results beyond float rounding.
+
+        * Folds eval-mode / frozen BatchNorm into the preceding convolutions (``backbones.fuse``).
+        * With ``channels_last``: the backbone and the convolutional RoI heads (mask head, ``4conv1fc``
+          box head) run in channels-last memory format, and 1×1 stride-1 backbone convolutions run as
+          one matrix product over pixels (``PointwiseConv2d``); FPN outputs are handed to RoIAlign in
+          NCHW once per level.
+
+        Puts the model in eval mode and returns it. The result is for inference only: BatchNorm
+        entries leave the state dict and training would not update BatchNorm statistics. Call it
+        after loading weights.
+        """
+        from resdet.backbones.fuse import fuse_bn, pointwise_convs_as_matmul
+
+        self.eval()
+        fuse_bn(self)
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            pointwise_convs_as_matmul(self.backbone)
+            for name in ("box_head", "mask_head", "mask_predictor"):
+                head = getattr(self.roi_heads, name, None)
+                if head is not None and any(isinstance(m, nn.Conv2d) for m in head.modules()):
+                    head.to(memory_format=torch.channels_last)
+                    if name != "mask_predictor":  # its input is the mask head's channels-last output
+                        head.register_forward_pre_hook(_to_channels_last)
+        self.transform.channels_last = channels_last
+        return self
+
+
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    x = args[0]
+    return (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, *args[1:])

@@ -1,0 +1,176 @@
+"""Input transform of the detectors: normalize, resize, pad into a batch; map results back.
+
+Numerics follow torchvision's ``GeneralizedRCNNTransform`` exactly (same interpolation calls, same
+scale-factor arithmetic), so a resdet detector and a torchvision one see bit-identical input tensors.
+
+Shape shorthand:
+    N   images in the batch
+    H, W      original size of one image
+    h, w      size after resizing (shortest side ``min_size``, longest at most ``max_size``)
+    Hp, Wp    padded batch size (max over the batch of h, w, rounded up to ``size_divisible``)
+    D   detections of one image
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DetectionTransform", "resize_boxes", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
+    """Scales ``boxes`` (Tensor[D, 4], xyxy) from an image of ``original_size`` (h, w) to ``new_size``."""
+    # Ratios computed as float32 tensors, as torchvision does, so rounding is identical.
+    ratio_h = torch.tensor(new_size[0], dtype=torch.float32, device=boxes.device) / torch.tensor(
+        original_size[0], dtype=torch.float32, device=boxes.device
+    )
+    ratio_w = torch.tensor(new_size[1], dtype=torch.float32, device=boxes.device) / torch.tensor(
+        original_size[1], dtype=torch.float32, device=boxes.device
+    )
+    scale = torch.stack((ratio_w, ratio_h, ratio_w, ratio_h))
+    return boxes * scale
+
+
+class DetectionTransform(nn.Module):
+    """Normalizes, resizes and pads images (and resizes targets) for a detector.
+
+    Args:
+        min_size: target length of the shortest side; a sequence means one value is drawn at random per
+            image in training (multi-scale training) and the last one is used in evaluation.
+        max_size: cap on the longest side after resizing.
+        image_mean: per-channel mean subtracted from images in [0, 1].
+        image_std: per-channel standard deviation images are divided by.
+        size_divisible: the padded batch height and width are multiples of this.
+        channels_last: return the padded batch in ``torch.channels_last`` memory format (faster
+            convolutions on CPU with oneDNN).
+    """
+
+    def __init__(
+        self,
+        min_size: int | Sequence[int] = 800,
+        max_size: int = 1333,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        size_divisible: int = 32,
+        *,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
+        if not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes):
+            raise ValueError(f"min_size must be a positive int or a non-empty sequence of them, got {min_size!r}")
+        if max_size <= 0:
+            raise ValueError(f"max_size must be positive, got {max_size}")
+        if len(image_mean) != len(image_std):
+            raise ValueError(f"image_mean {tuple(image_mean)} and image_std {tuple(image_std)} differ in length")
+        self.min_size = sizes
+        self.max_size = int(max_size)
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+        self.size_divisible = int(size_divisible)
+        self.channels_last = channels_last
+
+    @property
+    def in_chans(self) -> int:
+        """Number of image channels the normalization expects."""
+        return len(self.image_mean)
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> tuple[Tensor, list[tuple[int, int]], list[dict[str, Tensor]] | None]:
+        """Returns the padded batch Tensor[N, C, Hp, Wp], the resized sizes (h, w) and resized targets.
+
+        Targets are shallow-copied; the caller's dicts are not modified.
+        """
+        resized: list[Tensor] = []
+        new_targets: list[dict[str, Tensor]] | None = [] if targets is not None else None
+        for i, image in enumerate(images):
+            image = self.normalize(image)
+            size = self._choose_min_size()
+            target = dict(targets[i]) if targets is not None else None
+            image, target = self.resize(image, size, target)
+            resized.append(image)
+            if new_targets is not None:
+                new_targets.append(target)
+        image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in resized]
+        return self.batch_images(resized), image_sizes, new_targets
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """(image - mean) / std per channel."""
+        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
+        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
+        # [C] -> [C, 1, 1] to broadcast over H, W.
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def _choose_min_size(self) -> int:
+        if not self.training or len(self.min_size) == 1:
+            return self.min_size[-1]
+        # torch's RNG (not Python's) so seeding torch makes multi-scale training reproducible.
+        index = int(torch.empty(1).uniform_(0.0, float(len(self.min_size))).item())
+        return self.min_size[index]
+
+    def resize(
+        self, image: Tensor, min_size: int, target: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """Resizes one normalized image Tensor[C, H, W] (and its target) so the shortest side is ``min_size``."""
+        h, w = image.shape[-2:]
+        scale = min(min_size / min(h, w), self.max_size / max(h, w))
+        # [C, H, W] -> [1, C, H, W] for interpolate, then back.
+        image = F.interpolate(
+            image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+        )[0]
+        if target is None:
+            return image, None
+        if "masks" in target:
+            masks = target["masks"]
+            # [M, H, W] -> [M, 1, H, W] (nearest), then drop the channel again.
+            masks = F.interpolate(masks[:, None].float(), scale_factor=scale, recompute_scale_factor=True)
+            target["masks"] = masks[:, 0].byte()
+        target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
+        return image, target
+
+    def batch_images(self, images: list[Tensor]) -> Tensor:
+        """Pads images to a common size (multiple of ``size_divisible``), zeros bottom-right."""
+        c = images[0].shape[0]
+        hp = max(im.shape[-2] for im in images)
+        wp = max(im.shape[-1] for im in images)
+        stride = float(self.size_divisible)
+        hp = int(math.ceil(hp / stride) * stride)
+        wp = int(math.ceil(wp / stride) * stride)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        batch = images[0].new_zeros((len(images), c, hp, wp)).contiguous(memory_format=memory_format)
+        for i, im in enumerate(images):
+            batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+        return batch
+
+    def postprocess(
+        self,
+        results: list[dict[str, Tensor]],
+        image_sizes: list[tuple[int, int]],
+        original_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Maps detections from the resized frame back to original pixels; pastes masks at full size.
+
+        ``masks`` come in as Tensor[D, 1, 28, 28] probabilities and leave as Tensor[D, 1, H, W].
+        """
+        from resdet.heads.mask_head import paste_masks
+
+        for result, size, original in zip(results, image_sizes, original_sizes):
+            boxes = resize_boxes(result["boxes"], size, original)
+            result["boxes"] = boxes
+            if "masks" in result:
+                result["masks"] = paste_masks(result["masks"], boxes, original)
+        return results
+
+    def extra_repr(self) -> str:
+        return (
+            f"min_size={self.min_size}, max_size={self.max_size}, mean={self.image_mean}, std={self.image_std}, "
+            f"size_divisible={self.size_divisible}, channels_last={self.channels_last}"
+        )

@@ -1,0 +1,82 @@
+"""Benchmark resdet's Faster / Mask R-CNN against torchvision's same architecture, side by side.
+
+Prints resdet/torchvision ratios of inference latency, training step time, peak memory, FLOPs and
+parameters (logic in ``resdet.benchmark``).
+
+Examples::
+
+    python tools/benchmark.py                                  # all four models, CPU
+    python tools/benchmark.py --arch mask --depth resnet50 --sizes 800x1066 --iters 7
+    python tools/benchmark.py --device cuda --amp
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like HEIGHTxWIDTH, got {text!r}") from None
+    return h, w
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", nargs="+", default=["faster", "mask"], choices=["faster", "mask"])
+    p.add_argument("--depth", nargs="+", default=["resnet34", "resnet50"])
+    p.add_argument("--sizes", nargs="*", type=_size, default=[(800, 1066), (320, 427)],
+                   help="inference image sizes HxW (the model's min_size is set to the short side); none: skip")
+    p.add_argument("--iters", type=int, default=5, help="timed inference iterations per model (median)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--train-size", type=_size, default=(320, 427))
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train-iters", type=int, default=3)
+    p.add_argument("--measure", nargs="+", default=["infer", "train", "memory", "flops"],
+                   choices=["infer", "train", "memory", "flops"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Large tensors via mmap so freed memory leaves the process and peak-RSS figures track live memory.
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    args = parse_args(argv)
+    import torch
+
+    from resdet.benchmark import benchmark_pair, format_rows
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, amp {args.amp}")
+    rows = []
+    for arch in args.arch:
+        for depth in args.depth:
+            new = benchmark_pair(
+                arch,
+                depth,
+                sizes=tuple(args.sizes),
+                iters=args.iters,
+                warmup=args.warmup,
+                train_size=args.train_size,
+                train_batch=args.train_batch,
+                train_iters=args.train_iters,
+                device=args.device,
+                amp=args.amp,
+                measure=tuple(args.measure),
+            )
+            print(format_rows(new), flush=True)
+            rows += new
+    print("\nall (ratio = resdet / torchvision; < 1 means resdet is faster / smaller)")
+    print(format_rows(rows))
+
+
+if __name__ == "__main__":
+    main()
