@@ -1,0 +1,65 @@
+"""Segmentation configs load, and build the model they name with the settings their comments promise."""
+import os
+
+import pytest
+
+from resdet.config import build_model, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "name, num_classes, dataset",
+    [("cityscapes/semantic_fpn_r34", 19, "cityscapes"), ("voc/semantic_fpn_r34", 21, "voc"),
+     ("shapes/semantic_fpn_r34", 5, "shapes")],
+)
+def test_semantic_configs_build(name, num_classes, dataset):
+    cfg = load_config(os.path.join(REPO, "configs", f"{name}.yaml"))
+    assert (cfg.model.arch, cfg.data.task, cfg.data.dataset) == ("semantic_fpn", "semantic", dataset)
+    assert cfg.eval.evaluator == "sem_seg" and cfg.train.best_metric == "mIoU"
+    model = build_model(cfg)
+    assert model.num_classes == num_classes
+    assert model.backbone.body.layer4[0].conv1.in_channels == 256  # resnet34's BasicBlock stage 4
+    t = model.transform
+    if dataset == "cityscapes":  # 512x1024 crops in training, full 1024x2048 images in evaluation
+        assert t.crop_size == (512, 1024) and t.min_size is None and t.scale_range == (0.5, 2.0)
+    if dataset == "voc":
+        assert t.crop_size == (512, 512) and t.min_size == (512,)
+
+
+def test_cityscapes_mask_rcnn_config():
+    cfg = load_config(os.path.join(REPO, "configs", "cityscapes", "mask_rcnn_r34_fpn.yaml"))
+    assert (cfg.model.arch, cfg.model.num_classes, cfg.data.task) == ("mask_rcnn", 9, "instance")
+    assert cfg.model.weights and cfg.eval.iou_types == ["bbox", "segm"]
+    assert cfg.model.min_size[-1] == 1024  # the test scale of the Mask R-CNN paper
+
+
+def _write_voc_semantic(root, year, splits):
+    import numpy as np
+    from PIL import Image
+
+    base = os.path.join(root, f"VOC{year}")
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(os.path.join(base, folder), exist_ok=True)
+    for split, ids in splits.items():
+        for file_id in ids:
+            Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(os.path.join(base, "JPEGImages", f"{file_id}.jpg"))
+            label = np.zeros((40, 48), np.uint8)
+            label[10:20, 10:30] = 15
+            Image.fromarray(label).save(os.path.join(base, "SegmentationClass", f"{file_id}.png"))
+        with open(os.path.join(base, "ImageSets", "Segmentation", f"{split}.txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+
+
+def test_voc_semantic_config_reads_voc2012_train_and_val(tmp_path):
+    from resdet.engine.builders import build_dataset, build_evaluator
+
+    root = tmp_path / "VOCdevkit"
+    _write_voc_semantic(root, "2012", {"train": ["2012_000001", "2012_000002"], "val": ["2012_000003"]})
+    cfg = load_config(os.path.join(REPO, "configs", "voc", "semantic_fpn_r34.yaml"), [f"data.root={root}"])
+    train, val = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
+    assert (len(train), len(val)) == (2, 1)
+    image, target = val[0]
+    assert target["sem_seg"].shape == image.shape[-2:] and set(target["sem_seg"].unique().tolist()) == {0, 15}
+    evaluator = build_evaluator(cfg, val)
+    assert evaluator.class_names[15] == "person"
