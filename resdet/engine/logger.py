@@ -1,0 +1,100 @@
+"""Training logs: ``metrics.jsonl`` (one JSON object per logged step or evaluation), TensorBoard when
+installed, and a tqdm progress bar with iteration, loss, lr and ETA. Only rank 0 writes."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+__all__ = ["setup_logger", "MetricsWriter", "ProgressBar"]
+
+
+def setup_logger(output_dir: str | os.PathLike | None = None, *, rank: int = 0, name: str = "resdet") -> logging.Logger:
+    """A logger printing to stderr on rank 0 (warnings only elsewhere) and to ``output_dir/log.txt``."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if output_dir is not None and rank == 0:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(Path(output_dir) / "log.txt")
+        file.setFormatter(fmt)
+        logger.addHandler(file)
+    return logger
+
+
+class MetricsWriter:
+    """Appends metric dicts to ``metrics.jsonl`` and mirrors scalars to TensorBoard if available.
+
+    Args:
+        output_dir: directory of ``metrics.jsonl`` (and TensorBoard event files).
+        enabled: False on ranks other than 0.
+        tensorboard: try ``torch.utils.tensorboard`` (silently skipped when not installed).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self._tb = None
+
+    def write(self, iteration: int, metrics: dict[str, Any], *, kind: str = "train") -> None:
+        """Record ``metrics`` at ``iteration``; ``kind`` is ``train`` or ``eval``."""
+        if not self.enabled:
+            return
+        row = {"iteration": iteration, "kind": kind, "time": time.time(), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{kind}/{k}", v, iteration)
+
+    def close(self) -> None:
+        """Flush and close TensorBoard."""
+        if self._tb is not None:
+            self._tb.close()
+
+
+class ProgressBar:
+    """tqdm over optimizer steps showing loss and lr; tqdm itself shows rate and ETA.
+
+    Args:
+        total: last iteration.
+        initial: iteration to start from (after a resume).
+        enabled: False on ranks other than 0 or when disabled by the config.
+    """
+
+    def __init__(self, total: int, *, initial: int = 0, enabled: bool = True) -> None:
+        self._bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, desc="train",
+                         mininterval=1.0)
+
+    def update(self, loss: float, lr: float) -> None:
+        """Advance one step."""
+        self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        """Close the bar."""
+        self._bar.close()

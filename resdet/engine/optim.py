@@ -1,0 +1,68 @@
+"""Optimizers with parameter groups: weight decay on weights, optionally none on norm layers and biases."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["NORM_TYPES", "param_groups", "build_optimizer", "scaled_lr"]
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
+    """Split trainable parameters into a decayed group and (optionally) a no-decay group.
+
+    Args:
+        model: the model (frozen parameters, ``requires_grad=False``, are left out).
+        weight_decay: decay for the decayed group.
+        no_decay_norm_bias: put normalization-layer parameters and every bias in a group with decay 0.
+    """
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if no_decay_norm_bias and (isinstance(module, NORM_TYPES) or name == "bias"):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def scaled_lr(lr: float, *, total_batch_size: int, base_batch_size: int) -> float:
+    """Linear scaling rule: ``lr * total_batch_size / base_batch_size``."""
+    return lr * total_batch_size / base_batch_size
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    name: str = "sgd",
+    lr: float,
+    weight_decay: float = 1e-4,
+    no_decay_norm_bias: bool = False,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
+    """SGD (momentum) or AdamW over :func:`param_groups`.
+
+    Args:
+        name: ``sgd`` or ``adamw``.
+        lr: learning rate (already scaled for the total batch size).
+    """
+    groups = param_groups(model, weight_decay=weight_decay, no_decay_norm_bias=no_decay_norm_bias)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    raise ValueError(f"optimizer name {name!r} is not 'sgd' or 'adamw'")

@@ -1,0 +1,131 @@
+"""Fine-tuning weights: load what fits, re-initialise what does not, and say which is which.
+
+``load_pretrained(model, path)`` accepts
+
+* a resdet checkpoint (``{"model": state_dict, ...}`` written by the trainer),
+* a torchvision detection checkpoint (``backbone.body.*``, ``rpn.*``, ``roi_heads.*`` keys; renamed with
+  ``resdet.models.torchvision_compat.convert_torchvision_state_dict`` when that gives more matches),
+* an ImageNet torchvision/timm ResNet checkpoint (``conv1.*``, ``layer1.*``...; its keys go under the
+  model's backbone body prefix and the classifier is dropped).
+
+Tensors whose shape differs from the model's (another ``num_classes``) keep the model's fresh
+initialisation and are listed as skipped.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LoadReport", "load_pretrained", "read_state_dict"]
+
+
+@dataclass
+class LoadReport:
+    """What ``load_pretrained`` did.
+
+    Attributes:
+        source: ``resdet``, ``torchvision_detection`` or ``imagenet_backbone``.
+        loaded: model keys filled from the checkpoint.
+        skipped: ``(key, checkpoint shape, model shape)`` for shape mismatches (kept re-initialised).
+        missing: model keys the checkpoint lacks (kept as initialised).
+        unexpected: checkpoint keys the model lacks (ignored).
+    """
+
+    path: str
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def _grouped(keys: list[str], depth: int = 2) -> str:
+        groups: dict[str, int] = {}
+        for k in keys:
+            g = ".".join(k.split(".")[:depth])
+            groups[g] = groups.get(g, 0) + 1
+        return ", ".join(f"{g}.* ({n})" for g, n in groups.items())
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors from {self.path} ({self.source})"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} (shape differs, re-initialised):")
+            lines += [f"  {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.skipped]
+        if self.missing:
+            lines.append(f"missing from checkpoint {len(self.missing)} (kept initialised): {self._grouped(self.missing)}")
+        if self.unexpected:
+            lines.append(f"not in model {len(self.unexpected)} (ignored): {self._grouped(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], bool]:
+    """Read a checkpoint file into a flat state dict; the flag says it is a resdet training checkpoint."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.weights: checkpoint file {path!r} does not exist")
+    if not path.endswith(".safetensors"):
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "resdet" in obj:
+            return dict(obj["model"]), True
+    from resdet.backbones.weights import load_checkpoint
+
+    return load_checkpoint(path), False
+
+
+def _body_prefix(model_keys: list[str]) -> str:
+    for k in model_keys:
+        if k.endswith("conv1.weight") and "layer" not in k:
+            return k[: -len("conv1.weight")]
+    raise ValueError("the model has no ResNet stem (…conv1.weight) to put an ImageNet backbone checkpoint under")
+
+
+def _convert_torchvision(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    try:
+        from resdet.models.torchvision_compat import convert_torchvision_state_dict
+    except ImportError:
+        return sd
+    return convert_torchvision_state_dict(sd)
+
+
+def _count_fitting(sd: dict[str, Tensor], target: dict[str, Tensor]) -> int:
+    return sum(1 for k, v in sd.items() if k in target and target[k].shape == v.shape)
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
+    """Load every checkpoint tensor that fits ``model`` (in place) and report the rest."""
+    sd, is_resdet = read_state_dict(path)
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    target = model.state_dict()
+    if is_resdet:
+        source = "resdet"
+    elif any(k.startswith(("rpn.", "roi_heads.", "backbone.")) for k in sd):
+        source = "torchvision_detection"
+        converted = _convert_torchvision(sd)
+        if _count_fitting(converted, target) > _count_fitting(sd, target):
+            sd = converted
+    else:
+        source = "imagenet_backbone"
+        prefix = _body_prefix(list(target))
+        sd = {prefix + k: v for k, v in sd.items() if not k.startswith(("fc.", "head.fc.", "classifier."))}
+    report = LoadReport(path=os.fspath(path), source=source)
+    fitting = {}
+    for k, v in sd.items():
+        if k not in target:
+            if not k.endswith("num_batches_tracked"):
+                report.unexpected.append(k)
+        elif target[k].shape != v.shape:
+            report.skipped.append((k, tuple(v.shape), tuple(target[k].shape)))
+        else:
+            fitting[k] = v
+    report.loaded = sorted(fitting)
+    skipped = {k for k, _, _ in report.skipped}
+    report.missing = [k for k in target if k not in fitting and k not in skipped
+                      and not k.endswith("num_batches_tracked")]
+    if source == "imagenet_backbone":  # only the body was asked for: list what is missing inside it
+        prefix = _body_prefix(list(target))
+        report.missing = [k for k in report.missing if k.startswith(prefix)]
+    model.load_state_dict(fitting, strict=False)
+    return report

@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on a config's validation set and print the tables (COCO bbox/segm, VOC, mIoU).
+
+Examples::
+
+    python tools/test.py --checkpoint outputs/shapes_mask_rcnn_r34/model_final.pth
+    python tools/test.py --config configs/coco/mask_rcnn_r50_fpn_1x.yaml --checkpoint tv_model.pth data.root=/data/coco
+    torchrun --nproc_per_node=4 tools/test.py --config ... --checkpoint ...   # sharded, results gathered
+
+The checkpoint may be a resdet checkpoint or a torchvision detection checkpoint (converted on load).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help="YAML config (default: the config stored in a resdet checkpoint)")
+    parser.add_argument("--checkpoint", required=True, help="model weights to evaluate")
+    parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_intermixed_args(argv)
+
+    from resdet.config import ConfigError
+    from resdet.engine import distributed as dist
+    from resdet.engine.inference import config_for_checkpoint, evaluate_checkpoint
+
+    try:
+        cfg = config_for_checkpoint(args.checkpoint, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        metrics, summary = evaluate_checkpoint(cfg, args.checkpoint)
+    finally:
+        dist.destroy_distributed()
+    if dist.get_rank() == 0:
+        print(summary)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(metrics, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
