@@ -83,6 +83,8 @@ class ShapesConfig:
     num_val: int = 100
     image_size: int = 128
     seed: int = 0
+    max_rotation: float = 15.0  # degrees either way; 180 for any orientation (a harder task)
+    class_hues: bool = True  # each class has its own hue band; false: outline alone tells classes apart
 
 
 @dataclass

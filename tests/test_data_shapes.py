@@ -73,3 +73,21 @@ def test_fast(tmp_path):
     start = time.perf_counter()
     generate(str(tmp_path), num_train=40, num_val=10, image_size=160)
     assert time.perf_counter() - start < 5.0  # ~500 images in a few seconds
+
+
+def test_class_hues_put_each_class_in_its_own_hue_band():
+    import cv2
+
+    from resdet.data.shapes import draw_sample
+
+    band = 180 // len(CLASS_NAMES)
+    checked = 0
+    for i in range(12):
+        image, objects = draw_sample(np.random.default_rng(i), 96, 96, noise=0.0)
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        for label, mask in objects:
+            # the vertical shading changes brightness a little; the median hue stays in the class band
+            hue = float(np.median(hsv[..., 0][mask]))
+            assert (label - 1) * band - 2 <= hue <= label * band + 2, (i, label, hue)
+            checked += 1
+    assert checked >= 12

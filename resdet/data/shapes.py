@@ -5,7 +5,7 @@ A new user trains and evaluates without downloading anything: ``generate(root)``
 ``annotations/instances_{split}.json`` (instance masks as RLE or polygons) for "train" and "val".
 
 The task is built to be learnable in minutes on a CPU: four classes that differ by outline (circle, square,
-triangle, cross — each with random rotation, aspect and colour), 1–4 objects per image, objects a sizeable
+triangle, cross — each with a small random rotation, random aspect and colour), 1–4 objects per image, objects a sizeable
 fraction of the image, occlusion limited so every object keeps most of its area visible. Everything is drawn
 with OpenCV from a per-image seeded generator, so a seed always gives byte-identical files.
 """
@@ -74,10 +74,23 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return image
 
 
+def _class_colour(rng: np.random.Generator, label: int) -> np.ndarray:
+    """RGB colour (float [3], 0..255) with a hue from class ``label``'s band of 360/K degrees."""
+    band = 180 // len(CLASS_NAMES)  # OpenCV hue runs over 0..179
+    hue = (label - 1) * band + rng.uniform(0.15, 0.85) * band
+    hsv = np.array([[[hue, rng.uniform(150, 255), rng.uniform(110, 255)]]], dtype=np.float32)
+    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)[0, 0].astype(np.float64)
+
+
 def draw_sample(rng: np.random.Generator, height: int, width: int, *, num_objects: tuple[int, int] = (1, 4),
                 object_size: tuple[float, float] = (0.16, 0.45), max_occlusion: float = 0.25,
+                max_rotation: float = 15.0, class_hues: bool = True,
                 noise: float = 6.0) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
-    """Draws one image.
+    """Draws one image; each shape is rotated by up to ``max_rotation`` degrees either way.
+
+    With ``class_hues`` each class draws its colour from its own band of hues (saturation and brightness
+    still vary), so class identity is carried by outline and hue; without, colours are uniform random
+    and only the outline tells the classes apart (a task a from-scratch network learns far more slowly).
 
     Returns:
         (image uint8 [H, W, 3], [(label 1..K, visible mask bool [H, W]), ...]).
@@ -93,8 +106,8 @@ def draw_sample(rng: np.random.Generator, height: int, width: int, *, num_object
             label = int(rng.integers(1, len(CLASS_NAMES) + 1))
             size = rng.uniform(*object_size) * short
             center = rng.uniform([size * 0.4, size * 0.4], [width - size * 0.4, height - size * 0.4])
-            polygon = _outline(CLASS_NAMES[label - 1], center, size, rng.uniform(0, 2 * np.pi),
-                               rng.uniform(0.6, 1.0))
+            angle = np.deg2rad(rng.uniform(-max_rotation, max_rotation))
+            polygon = _outline(CLASS_NAMES[label - 1], center, size, angle, rng.uniform(0.6, 1.0))
             mask = np.zeros((height, width), dtype=np.uint8)
             cv2.fillPoly(mask, [np.round(polygon).astype(np.int32)], 1, cv2.LINE_8)
             mask = mask.astype(bool)
@@ -110,10 +123,11 @@ def draw_sample(rng: np.random.Generator, height: int, width: int, *, num_object
             break
         else:
             continue
-        base_colour = rng.uniform(0, 255, size=3)
         local = image[mask].mean(0)
-        while np.abs(base_colour - local).sum() < 150:  # keep contrast with the background under it
-            base_colour = rng.uniform(0, 255, size=3)
+        for _attempt in range(50):  # keep contrast with the background under the shape
+            base_colour = _class_colour(rng, label) if class_hues else rng.uniform(0, 255, size=3)
+            if np.abs(base_colour - local).sum() >= 150:
+                break
         shade = rng.uniform(-25, 25, size=3)
         ys = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None, None]
         image = np.where(mask[..., None], base_colour + shade * ys, image)
@@ -185,8 +199,8 @@ def _write_split(root: str, split: str, num_images: int, height: int, width: int
 
 def generate(root: str, *, num_train: int = 400, num_val: int = 100, image_size: int | tuple[int, int] = 128,
              seed: int = 0, num_objects: tuple[int, int] = (1, 4), object_size: tuple[float, float] = (0.16, 0.45),
-             max_occlusion: float = 0.25, mask_format: Literal["rle", "polygon"] = "rle",
-             overwrite: bool = False) -> dict[str, ShapesSplit]:
+             max_occlusion: float = 0.25, max_rotation: float = 15.0, class_hues: bool = True,
+             mask_format: Literal["rle", "polygon"] = "rle", overwrite: bool = False) -> dict[str, ShapesSplit]:
     """Writes the synthetic shapes dataset under ``root`` (or reuses it when it was written with the same
     arguments and ``overwrite`` is False).
 
@@ -198,6 +212,9 @@ def generate(root: str, *, num_train: int = 400, num_val: int = 100, image_size:
         num_objects: (min, max) shapes per image.
         object_size: (min, max) shape extent as a fraction of the shorter image side.
         max_occlusion: largest fraction of a shape that later shapes may cover.
+        max_rotation: shapes are rotated uniformly within ±this many degrees (180: any orientation). Small
+            rotations keep the classes learnable from scratch within the demo's few hundred iterations.
+        class_hues: each class takes its colours from its own hue band (see ``draw_sample``).
         mask_format: COCO segmentation as compressed "rle" or "polygon".
         overwrite: regenerate even when a matching dataset exists.
 
@@ -213,7 +230,8 @@ def generate(root: str, *, num_train: int = 400, num_val: int = 100, image_size:
         raise ValueError(f"object_size must be (min, max) fractions in (0, 1], got {object_size}")
     if mask_format not in ("rle", "polygon"):
         raise ValueError(f"mask_format must be 'rle' or 'polygon', got {mask_format!r}")
-    options = {"num_objects": tuple(num_objects), "object_size": tuple(object_size), "max_occlusion": max_occlusion}
+    options = {"num_objects": tuple(num_objects), "object_size": tuple(object_size), "max_occlusion": max_occlusion,
+               "max_rotation": float(max_rotation), "class_hues": bool(class_hues)}
     meta = {"version": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "image_size": [height, width],
             "seed": seed, "mask_format": mask_format, **{k: list(v) if isinstance(v, tuple) else v
                                                          for k, v in options.items()}}

@@ -46,7 +46,8 @@ def ensure_shapes(cfg: Config) -> None:
     s = cfg.data.shapes
     if not os.path.isfile(os.path.join(cfg.data.root, "shapes_meta.json")):
         logger.info("generating the shapes dataset in %s", cfg.data.root)
-    shapes.generate(cfg.data.root, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed)
+    shapes.generate(cfg.data.root, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed,
+                    max_rotation=s.max_rotation, class_hues=s.class_hues)
 
 
 def _transforms(cfg: Config, train: bool):
