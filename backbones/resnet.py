@@ -68,7 +68,21 @@ def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """Shared forward of the residual blocks: ``_inner`` optionally under gradient checkpointing."""
+
+    with_cp: bool
+
+    def _inner(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.with_cp and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(self._inner, x, use_reentrant=False)
+        return self._inner(x)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3×3 convolutions with a residual connection (ResNet-18/34). Supports dilation."""
 
     expansion: int = 1
@@ -107,16 +121,11 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.with_cp and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(self._inner, x, use_reentrant=False)
-        return self._inner(x)
-
     def last_norm(self) -> nn.Module:
         return self.bn2
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1×1 → 3×3 (stride, groups, dilation) → 1×1 bottleneck with a residual (ResNet-50+, V1.5)."""
 
     expansion: int = 4
@@ -153,11 +162,6 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.with_cp and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(self._inner, x, use_reentrant=False)
-        return self._inner(x)
 
     def last_norm(self) -> nn.Module:
         return self.bn3
