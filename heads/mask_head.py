@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-__all__ = ["MaskHead", "MaskPredictor", "mask_loss", "mask_probs", "paste_masks", "make_norm"]
+__all__ = ["MaskHead", "MaskPredictor", "mask_loss", "mask_probs", "paste_masks", "make_norm", "conv3x3_norm_relu",
+           "init_convs_msra"]
 
 
 def make_norm(norm: str | Callable[[int], nn.Module] | None, channels: int) -> nn.Module | None:
@@ -44,6 +45,15 @@ def conv3x3_norm_relu(in_channels: int, out_channels: int, norm, dilation: int =
         layers.append(norm_layer)
     layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
+
+
+def init_convs_msra(module: nn.Module) -> None:
+    """MSRA fill (fan_out, ReLU) for every conv in ``module``, zero biases (the R-CNN conv-head init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class MaskHead(nn.Sequential):
@@ -73,11 +83,7 @@ class MaskHead(nn.Sequential):
             channels = out_channels
         super().__init__(*blocks)
         self.out_channels = channels
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_convs_msra(self)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
         for i in range(len(self)):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from .box_ops import BOX_LOSSES, BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_regression_loss
-from .mask_head import conv3x3_norm_relu, mask_loss, mask_probs
+from .mask_head import conv3x3_norm_relu, init_convs_msra, mask_loss, mask_probs
 from .poolers import MultiScaleRoIAlign
 
 __all__ = ["TwoMLPHead", "ConvFCHead", "FastRCNNPredictor", "RoIHeads"]
@@ -79,11 +79,7 @@ class ConvFCHead(nn.Sequential):
             features = out_features
         super().__init__(*blocks)
         self.out_channels = features
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_convs_msra(self)
 
 
 class FastRCNNPredictor(nn.Module):
