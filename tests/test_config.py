@@ -96,3 +96,96 @@ def test_configs_found_in_package():
         assert load_config("shapes/mask_rcnn_r34_fpn.yaml").model.backbone == "resnet34"
     finally:
         os.chdir(cwd)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("solver.max_iter=-3", "solver.max_iter: expected a value >= 1, got -3"),
+    ("solver.max_iter=0", "solver.max_iter: expected a value >= 1, got 0"),
+    ("data.batch_size=0", "data.batch_size: expected a value >= 1, got 0"),
+    ("data.test_batch_size=0", "data.test_batch_size: expected a value >= 1"),
+    ("solver.accumulate=0", "solver.accumulate: expected a value >= 1"),
+    ("train.log_period=0", "train.log_period: expected a value >= 1"),
+    ("data.num_workers=-1", "data.num_workers: expected a value >= 0"),
+    ("solver.lr=-0.1", "solver.lr: expected a value >= 0"),
+    ("eval.max_images=0", "eval.max_images: expected a value >= 1"),
+])
+def test_out_of_range_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_numbers_written_as_yaml_reads_them(tmp_path):
+    """``1e-4`` is a string to PyYAML (YAML 1.1) and a year may be written as a number."""
+    cfg = load_config(None, ["solver.lr=1e-4", "solver.weight_decay=5E-5", "data.years=[2012]"])
+    assert cfg.solver.lr == 1e-4 and cfg.solver.weight_decay == 5e-5 and cfg.data.years == ["2012"]
+    (tmp_path / "c.yaml").write_text("solver: {lr: 2.5e-4, clip_grad_norm: 1e+1}\ndata: {years: [2007, '2012']}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.solver.lr, cfg.solver.clip_grad_norm, cfg.data.years) == (2.5e-4, 10.0, ["2007", "2012"])
+    assert load_config(None, ["train.output_dir=1e3"]).train.output_dir == "1e3"  # text keys keep their text
+    with pytest.raises(ConfigError, match=r"data.years\[0\]: expected a string, got 2012.5"):
+        load_config(None, ["data.years=[2012.5]"])
+
+
+SHAPES = os.path.join(REPO, "configs", "shapes", "mask_rcnn_r34_fpn.yaml")
+SHAPES_SEMANTIC = os.path.join(REPO, "configs", "shapes", "semantic_fpn_r34.yaml")
+
+
+def test_model_options_dotted_and_checked_against_the_builder():
+    cfg = load_config(SHAPES, ["model.options.fpn_out_channels=64", "model.options.smooth_l1_beta=1"])
+    assert cfg.model.options["fpn_out_channels"] == 64 and cfg.model.options["mask_layers"] == [128] * 4
+    assert cfg.model.options["smooth_l1_beta"] == 1.0 and isinstance(cfg.model.options["smooth_l1_beta"], float)
+    cases = [
+        (["model.options.mask_layer=[8]"],
+         "unknown config key 'model.options.mask_layer' for model.arch='mask_rcnn'; did you mean "
+         "'model.options.mask_layers'?"),
+        (["model.options.fpn_out_channels=wide"], "model.options.fpn_out_channels: expected an integer, got 'wide'"),
+        (["model.options.backbone=resnet18"], "model.options.backbone: set model.backbone instead"),
+        # the shapes Mask R-CNN options do not fit a Faster R-CNN: an error naming the option and the arch
+        (["model.arch=faster_rcnn"],
+         "model.options.mask_layers: model.arch='faster_rcnn' has no option 'mask_layers' (it is an option "
+         "of mask_rcnn)"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(SHAPES, overrides)
+        assert message in str(err.value)
+    # replacing the options as a whole makes the switch
+    cfg = load_config(SHAPES, ["model.arch=faster_rcnn", "model.options={fpn_out_channels: 128}"])
+    assert cfg.model.arch == "faster_rcnn" and cfg.model.options == {"fpn_out_channels": 128}
+
+
+def test_one_option_name_across_models():
+    """The semantic FPN's FPN width and backbone weights carry the detectors' names; the old ones say so."""
+    from resdet.models import arch_options, semantic_fpn
+
+    for arch in ("faster_rcnn", "mask_rcnn", "semantic_fpn"):
+        assert {"fpn_out_channels", "fpn_norm", "weights", "norm", "frozen_stages"} <= set(arch_options(arch))
+    cfg = load_config(SHAPES_SEMANTIC, ["model.options.fpn_out_channels=128"])
+    assert cfg.model.options["fpn_out_channels"] == 128
+    with pytest.raises(ConfigError, match="model.options.fpn_channels: renamed to 'model.options.fpn_out_channels'"):
+        load_config(SHAPES_SEMANTIC, ["model.options.fpn_channels=128"])
+    with pytest.raises(TypeError, match="'fpn_channels' is now called 'fpn_out_channels'"):
+        semantic_fpn("resnet18", fpn_channels=32)
+
+
+def test_registered_arch_is_buildable_from_a_config(monkeypatch):
+    import torch
+
+    from resdet.models import build_model, registry
+
+    def tiny(backbone: str = "resnet18", num_classes: int = 3, *, width: int = 4, min_size: int = 1) -> torch.nn.Module:
+        return torch.nn.Conv2d(3, width, 1)
+
+    monkeypatch.setitem(registry._ARCHS, "tiny", tiny)
+    monkeypatch.setitem(registry._EXTENDS, "tiny", ())
+    monkeypatch.setitem(registry._RENAMED, "tiny", {})
+    cfg = load_config(None, ["model.arch=tiny", "model.options.width=6"])
+    assert build_model(cfg).out_channels == 6
+    with pytest.raises(ConfigError, match="did you mean 'model.options.width'"):
+        load_config(None, ["model.arch=tiny", "model.options.widht=6"])
+
+
+def test_build_model_moved_to_the_registry():
+    with pytest.raises(ImportError, match="resdet.models.build_model"):
+        from resdet.config import build_model  # noqa: F401

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from resdet.config import build_model, load_config
+from resdet.config import load_config
+from resdet.models import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

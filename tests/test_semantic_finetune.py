@@ -101,3 +101,23 @@ def test_cityscapes_mask_rcnn_from_coco_detector(tmp_path):
     assert skipped and all(k.startswith(("roi_heads.box_predictor.", "roi_heads.mask_predictor.")) for k in skipped)
     assert any(k.startswith("rpn.") for k in report.loaded) and any("box_head" in k for k in report.loaded)
     assert report.missing == [] and report.unexpected == []
+
+
+def test_semantic_config_loads_the_fpn_of_a_detector_with_the_same_option(tmp_path):
+    """Detectors and the semantic FPN name the FPN width alike, so one override makes the FPN transfer."""
+    import os
+
+    from resdet.config import load_config
+    from resdet.models import build_model, faster_rcnn
+
+    detector = faster_rcnn("resnet18", num_classes=5, fpn_out_channels=32)
+    path = tmp_path / "detector.pth"
+    torch.save({"model": detector.state_dict(), "resdet": {"version": "test"}, "iteration": 1}, path)
+    config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "shapes", "semantic_fpn_r34.yaml")
+    cfg = load_config(config, ["model.backbone=resnet18", "model.options.fpn_out_channels=32"])
+    model = build_model(cfg)
+    report = load_pretrained(model, path)
+    fpn = {k for k in model.state_dict() if k.startswith("backbone.fpn.")}
+    assert fpn and fpn <= set(report.loaded) and not report.skipped
+    key = sorted(fpn)[0]
+    _assert_same(model, key, detector.state_dict()[key])

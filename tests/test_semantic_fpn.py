@@ -9,7 +9,7 @@ from PIL import Image
 
 from resdet.models.semantic_fpn import SemanticFPN, semantic_fpn
 
-SMALL = {"conv_dims": 32, "fpn_channels": 32}
+SMALL = {"conv_dims": 32, "fpn_out_channels": 32}
 
 
 def _model(backbone: str = "resnet18", num_classes: int = 5, **options) -> SemanticFPN:

@@ -19,7 +19,7 @@ def _tool(name):
 def _tiny(root, out):
     return [f"data.root={root}", "data.shapes.num_train=4", "data.shapes.num_val=2", "data.shapes.image_size=64",
             "data.batch_size=2", "data.test_batch_size=2", "data.num_workers=0", "model.backbone=resnet18",
-            "model.options={min_size: null, max_size: null, fpn_channels: 32, conv_dims: 32}",
+            "model.options={min_size: null, max_size: null, fpn_out_channels: 32, conv_dims: 32}",
             f"train.output_dir={out}", "train.progress_bar=false"]
 
 

@@ -8,7 +8,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from resdet.config import Config, apply_overrides, build_model, config_from_dict, load_config
+from resdet.config import Config, apply_overrides, config_from_dict, load_config
+from resdet.models import build_model
 
 from . import distributed as dist
 from .builders import build_dataset, build_evaluator, build_test_loader

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 import resdet
-from resdet.config import Config, build_model, config_to_dict, save_config
+from resdet.config import Config, config_to_dict, save_config
+from resdet.models import build_model
 
 from . import distributed as dist
 from .builders import build_dataset, build_train_loader, dataset_metadata

@@ -1,24 +1,32 @@
-"""Detectors composed from resdet's backbones and heads, and their input transform.
+"""Models composed from resdet's backbones and heads, their input transforms, and the registry that
+builds one from a config.
 
-``faster_rcnn()`` / ``mask_rcnn()`` build detectors with torchvision's default settings;
-``from_torchvision()`` turns a torchvision Faster / Mask R-CNN (model or checkpoint) into an equivalent
-resdet detector.
+``faster_rcnn()`` / ``mask_rcnn()`` build detectors with torchvision's default settings, ``semantic_fpn()``
+a semantic FPN; each is registered under its ``model.arch`` name (``registry.py``), and
+``build_model(cfg)`` builds the one a config names. ``from_torchvision()`` turns a torchvision Faster /
+Mask R-CNN (model or checkpoint) into an equivalent resdet detector.
 """
 from .builders import faster_rcnn, mask_rcnn
 from .rcnn import GeneralizedRCNN, validate_inputs
+from .registry import arch_names, arch_options, build_model, get_arch, register_arch
+from .semantic_fpn import SemanticFPN, SemSegTransform, semantic_fpn
 from .torchvision_compat import convert_torchvision_state_dict, from_torchvision
 from .transform import DetectionTransform
 
 __all__ = [
     "DetectionTransform",
     "GeneralizedRCNN",
+    "SemSegTransform",
+    "SemanticFPN",
+    "arch_names",
+    "arch_options",
+    "build_model",
     "convert_torchvision_state_dict",
     "faster_rcnn",
     "from_torchvision",
+    "get_arch",
     "mask_rcnn",
+    "register_arch",
+    "semantic_fpn",
     "validate_inputs",
 ]
-
-from .semantic_fpn import SemanticFPN, SemSegTransform, semantic_fpn  # noqa: E402  (helper F)
-
-__all__ += ["SemanticFPN", "SemSegTransform", "semantic_fpn"]

@@ -23,6 +23,7 @@ from resdet.heads.roi_heads import ConvFCHead, FastRCNNPredictor, RoIHeads, TwoM
 from resdet.heads.rpn import RegionProposalNetwork, RPNHead
 
 from .rcnn import GeneralizedRCNN
+from .registry import register_arch
 from .transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform
 
 __all__ = ["faster_rcnn", "mask_rcnn"]
@@ -30,6 +31,7 @@ __all__ = ["faster_rcnn", "mask_rcnn"]
 _LEVELS = ("p2", "p3", "p4", "p5")
 
 
+@register_arch("faster_rcnn")
 def faster_rcnn(
     backbone: str = "resnet34",
     num_classes: int = 91,
@@ -104,6 +106,7 @@ def faster_rcnn(
     return _build(**locals(), mask=None)
 
 
+@register_arch("mask_rcnn", extends=(faster_rcnn,))
 def mask_rcnn(
     backbone: str = "resnet34",
     num_classes: int = 91,

@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resdet.backbones.fpn import build_resnet_fpn
 from resdet.backbones.shape_spec import ShapeSpec
 from resdet.heads.semantic_head import SemanticFPNHead
 
 from .rcnn import validate_inputs
+from .registry import register_arch
 from .transform import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["SemanticFPN", "SemSegTransform", "semantic_fpn"]
@@ -269,19 +271,30 @@ class SemanticFPN(nn.Module):
                 raise ValueError(f"image {i}: sem_seg has labels {values}, expected 0..{k - 1} or {ignore} (ignored)")
 
 
+@register_arch("semantic_fpn", renamed={"fpn_channels": "fpn_out_channels", "backbone_weights": "weights"})
 def semantic_fpn(
     backbone: str = "resnet34",
     num_classes: int = 19,
     *,
-    backbone_weights: str | None = None,
+    # backbone (resdet.backbones.ResNet options), named as in faster_rcnn / mask_rcnn
+    weights: str | None = None,
+    frozen_stages: int | None = None,
     trainable_layers: int | None = None,
-    fpn_channels: int = 256,
+    norm: str | None = None,
+    norm_eval: bool = False,
+    zero_init_residual: bool = False,
+    output_stride: int = 32,
+    with_cp: bool | Sequence[bool] = False,
+    # FPN
+    fpn_out_channels: int = 256,
     fpn_norm: str | None = None,
+    # semantic head
     conv_dims: int = 128,
     head_norm: str | None = "gn",
     common_stride: int = 4,
     loss_weight: float = 1.0,
     ignore_index: int = 255,
+    # input transform
     min_size: int | Sequence[int] | None = None,
     max_size: int | None = None,
     scale_range: Sequence[float] | None = None,
@@ -290,17 +303,28 @@ def semantic_fpn(
     image_std: Sequence[float] = IMAGENET_STD,
     size_divisible: int = 32,
     return_logits: bool = False,
-    **backbone_options: Any,
 ) -> SemanticFPN:
     """Builds a semantic FPN on a ResNet-FPN backbone (Panoptic FPN's semantic branch).
+
+    Backbone and FPN options carry the detectors' names, so ``backbone.*`` checkpoint keys and options
+    transfer between them (``fpn_channels`` / ``backbone_weights`` were renamed ``fpn_out_channels`` /
+    ``weights``).
 
     Args:
         backbone: ResNet name (``resnet18`` ... ``resnet152``, ``resnext50_32x4d``, ...).
         num_classes: Semantic classes K (19 for Cityscapes, 21 for VOC with background).
-        backbone_weights: ImageNet checkpoint (torchvision/timm) for the ResNet body.
+        weights: ImageNet checkpoint (torchvision/timm) for the ResNet body.
+        frozen_stages: ResNet stages frozen (0 none, 1 stem, k stem + k-1 stages); default 2 with
+            ``weights``, else 0.
         trainable_layers: torchvision's spelling of ``frozen_stages`` (5 trainable = 0 frozen ...
             0 trainable = 5 frozen); give one or the other.
-        fpn_channels: FPN output channels.
+        norm: Backbone norm (``bn``, ``frozen_bn``, ``sync_bn``, ``gn``); default ``frozen_bn`` with
+            ``weights``, else ``bn``.
+        norm_eval: Keep every backbone norm layer in eval mode under ``train()``.
+        zero_init_residual: Zero the last norm's scale in every block.
+        output_stride: 32, 16 or 8 (dilated last stages).
+        with_cp: Gradient checkpointing of the blocks (one bool, or one per stage).
+        fpn_out_channels: FPN output channels.
         fpn_norm: Norm inside the FPN (None or "gn").
         conv_dims: Channels of the semantic head's conv towers.
         head_norm: Norm in the semantic head ("gn" as in Panoptic FPN).
@@ -316,22 +340,26 @@ def semantic_fpn(
         image_std: Normalization standard deviation.
         size_divisible: Batch padding multiple.
         return_logits: Eval outputs carry ``sem_seg_logits`` by default.
-        **backbone_options: Further ``resdet.backbones.fpn.build_resnet_fpn`` / ``ResNet`` options
-            (``norm``, ``frozen_stages``, ``output_stride``, ``with_cp``, ...).
     """
-    from resdet.backbones.fpn import build_resnet_fpn
-
     if trainable_layers is not None:
-        if "frozen_stages" in backbone_options and backbone_options["frozen_stages"] is not None:
+        if frozen_stages is not None:
             raise ValueError("give trainable_layers or frozen_stages, not both")
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
-        backbone_options["frozen_stages"] = 5 - trainable_layers
-    if backbone_weights is not None:
-        backbone_options["weights"] = backbone_weights
-    # The semantic head reads p2..p5 only, so no p6 top block (it has no parameters: keys still match).
-    backbone_options.setdefault("top_block", None)
-    body_and_fpn = build_resnet_fpn(backbone, out_channels=fpn_channels, fpn_norm=fpn_norm, **backbone_options)
+        frozen_stages = 5 - trainable_layers
+    body_and_fpn = build_resnet_fpn(
+        backbone,
+        weights=weights,
+        frozen_stages=frozen_stages,
+        norm=norm,
+        norm_eval=norm_eval,
+        zero_init_residual=zero_init_residual,
+        output_stride=output_stride,
+        with_cp=with_cp,
+        out_channels=fpn_out_channels,
+        fpn_norm=fpn_norm,
+        top_block=None,  # the semantic head reads p2..p5 only; p6 has no parameters, so keys still match
+    )
     shapes: dict[str, ShapeSpec] = body_and_fpn.output_shape()
     in_shapes = {name: shapes[name] for name in ("p2", "p3", "p4", "p5")}
     head = SemanticFPNHead(
