@@ -9,6 +9,11 @@ Shape shorthand:
 Level mapping is eq. 1 of the FPN paper, ``k = floor(k0 + log2(sqrt(area) / 224) + eps)`` clamped to the
 pooled levels, and each level's scale is inferred as ``2 ** round(log2(feature_h / image_h))`` from the
 largest unpadded image size, as torchvision's ``MultiScaleRoIAlign``.
+
+On CPU (outside scripting, tracing, ONNX export and ``torch.compile``) all levels are pooled by
+:func:`resdet.heads.roi_align.multi_level_roi_align`, one sparse product for every level, forward
+and backward, several times faster than torchvision's per-level ``roi_align`` loop; elsewhere (CUDA,
+exports) by torchvision's op. ``impl`` forces either.
 """
 import math
 from collections.abc import Sequence
@@ -16,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torchvision.ops import box_area, roi_align
+
+from .roi_align import multi_level_roi_align
 
 __all__ = ["MultiScaleRoIAlign", "map_levels"]
 
@@ -44,6 +51,16 @@ def _infer_scale(feature: Tensor, image_size: tuple[int, int]) -> float:
     return 2.0 ** float(torch.tensor(approx).log2().round())
 
 
+_IMPLS = ("auto", "sparse", "torchvision")
+
+
+def _eager() -> bool:
+    """False while scripting, tracing, exporting to ONNX or compiling (torchvision's op is the traceable one)."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return not torch.compiler.is_compiling()
+
+
 class MultiScaleRoIAlign(nn.Module):
     """RoIAlign over several feature levels with FPN level assignment.
 
@@ -54,6 +71,9 @@ class MultiScaleRoIAlign(nn.Module):
         aligned: RoIAlign half-pixel alignment (torchvision's detectors: False).
         canonical_scale: see :func:`map_levels`.
         canonical_level: see :func:`map_levels`.
+        impl: ``"auto"`` (the sparse op for CPU features in eager mode, torchvision's otherwise),
+            ``"sparse"`` (the sparse op on any device in eager mode, float32/bfloat16/float16) or ``"torchvision"`` (always
+            torchvision's ``roi_align``, one call per level).
     """
 
     def __init__(
@@ -65,8 +85,11 @@ class MultiScaleRoIAlign(nn.Module):
         aligned: bool = False,
         canonical_scale: int = 224,
         canonical_level: int = 4,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
+        if impl not in _IMPLS:
+            raise ValueError(f"MultiScaleRoIAlign impl must be one of {_IMPLS}, got {impl!r}")
         if isinstance(output_size, int):
             output_size = (output_size, output_size)
         self.featmap_names = list(featmap_names)
@@ -75,6 +98,16 @@ class MultiScaleRoIAlign(nn.Module):
         self.aligned = aligned
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
+        self.impl = impl
+
+    def _use_sparse(self, levels_x: list[Tensor]) -> bool:
+        if self.impl == "torchvision" or not _eager():
+            return False
+        if self.impl == "auto" and any(x.device.type != "cpu" for x in levels_x):
+            return False
+        if any(x.dtype not in (torch.float32, torch.bfloat16, torch.float16) for x in levels_x):
+            return False
+        return len({x.shape[1] for x in levels_x}) == 1
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
         """Pool every box.
@@ -85,7 +118,7 @@ class MultiScaleRoIAlign(nn.Module):
             image_sizes: per image ``(h, w)`` before padding (used to infer the level scales).
 
         Returns:
-            Tensor[R, C, Sh, Sw], RoIs in image order.
+            Tensor[R, C, Sh, Sw], RoIs in image order (channels-last strides from the sparse op).
         """
         levels_x = [v for k, v in features.items() if k in self.featmap_names]
         if not levels_x:
@@ -101,6 +134,16 @@ class MultiScaleRoIAlign(nn.Module):
             [torch.full((len(b), 1), i, dtype=all_boxes.dtype, device=all_boxes.device) for i, b in enumerate(boxes)]
         )
         rois = torch.cat([image_ids, all_boxes], dim=1)
+
+        if self._use_sparse(levels_x):
+            if len(levels_x) == 1:
+                level = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+            else:
+                level = map_levels(all_boxes, int(-math.log2(scales[0])), int(-math.log2(scales[-1])),
+                                   self.canonical_scale, self.canonical_level)
+            # Tensor[R, C, Sh, Sw] with channels-last strides.
+            return multi_level_roi_align(levels_x, rois, level, scales, self.output_size, self.sampling_ratio,
+                                         self.aligned)
 
         def pool(x: Tensor, r: Tensor, scale: float) -> Tensor:
             return roi_align(x, r, self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio,

@@ -258,3 +258,71 @@ def format_rows(rows: list[Row]) -> str:
             f"{r.model:<24} {r.metric:<30} {r.resdet:>10.2f} {r.torchvision:>12.2f} {r.ratio:>7.3f}  {r.unit}"
         )
     return "\n".join(lines)
+
+
+def bench_multiscale_roi_align(
+    *,
+    num_rois: int = 1024,
+    output_size: int = 7,
+    sampling_ratio: int = 2,
+    batch: int = 2,
+    image_size: tuple[int, int] = (800, 1088),
+    channels: int = 256,
+    iters: int = 5,
+    warmup: int = 1,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Row:
+    """``MultiScaleRoIAlign`` forward + backward: resdet's pooler (``impl="auto"``) vs torchvision's.
+
+    Four FPN levels (strides 4..32) of ``batch`` images padded to ``image_size``, ``channels`` channels;
+    ``num_rois`` boxes spread over the images, log-uniform sides from 16 px to the image's short side
+    (so every level gets RoIs). Runs alternate between the two poolers; the Row holds median ms and, in
+    ``extra``, the largest absolute differences of the outputs and of the feature gradients.
+    """
+    from torchvision.ops import MultiScaleRoIAlign as TVMultiScaleRoIAlign
+
+    from resdet.heads import MultiScaleRoIAlign
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_size
+    feats = {
+        f"p{k}": torch.randn(batch, channels, -(-h // 2**k), -(-w // 2**k), generator=g).to(dev).requires_grad_()
+        for k in range(2, 6)
+    }
+    per_image = [num_rois // batch + (i < num_rois % batch) for i in range(batch)]
+    boxes = []
+    for n in per_image:
+        side = torch.exp(torch.empty(n, 2).uniform_(float(torch.log(torch.tensor(16.0))),
+                                                     float(torch.log(torch.tensor(float(min(h, w))))), generator=g))
+        x1y1 = torch.rand(n, 2, generator=g) * (torch.tensor([w, h]) - side).clamp(min=0)
+        boxes.append(torch.cat([x1y1, x1y1 + side], dim=1).to(dev))
+    sizes = [(h, w)] * batch
+    ours = MultiScaleRoIAlign(tuple(feats), output_size, sampling_ratio)
+    theirs = TVMultiScaleRoIAlign(list(feats), output_size, sampling_ratio)
+    grad_out = torch.randn(num_rois, channels, output_size, output_size, generator=g).to(dev)
+
+    def run(pool: nn.Module) -> Callable[[], tuple[Tensor, list[Tensor]]]:
+        def fn() -> tuple[Tensor, list[Tensor]]:
+            for x in feats.values():
+                x.grad = None
+            out = pool(feats, boxes, sizes)
+            out.backward(grad_out)
+            return out, [x.grad for x in feats.values()]
+        return fn
+
+    fns = [run(ours), run(theirs)]
+    (a, ga), (b, gb) = fns[0](), fns[1]()
+    extra = {
+        "max_abs_out": float((a - b).abs().max()) if a.numel() else 0.0,
+        "max_abs_grad": max(float((x - y).abs().max()) for x, y in zip(ga, gb)),
+        "num_rois": num_rois, "output_size": output_size, "batch": batch, "image_size": image_size,
+    }
+    del a, b, ga, gb
+    t = _interleaved_times(fns, iters, warmup, dev)
+    metric = f"roi_align fwd+bwd {num_rois}x{output_size}^2 b{batch} {h}x{w}"
+    return Row("MultiScaleRoIAlign", metric, t[0] * 1e3, t[1] * 1e3, "ms", extra)
+
+
+__all__ += ["bench_multiscale_roi_align"]

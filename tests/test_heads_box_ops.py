@@ -116,7 +116,9 @@ def test_pooler_equals_torchvision(aligned):
     feats = OrderedDict((f"p{level}", torch.randn(2, 8, 128 >> level, 96 >> level)) for level in range(2, 7))
     boxes = [random_boxes(40, 60.0), random_boxes(30, 40.0) * 2]
     sizes = [(128, 90), (120, 96)]
-    ours = MultiScaleRoIAlign(output_size=7, sampling_ratio=2, aligned=aligned)(feats, boxes, sizes)
+    ours = MultiScaleRoIAlign(output_size=7, sampling_ratio=2, aligned=aligned, impl="torchvision")(feats, boxes, sizes)
+    sparse = MultiScaleRoIAlign(output_size=7, sampling_ratio=2, aligned=aligned)(feats, boxes, sizes)
+    torch.testing.assert_close(sparse, ours, rtol=0, atol=1e-5)  # the sparse op sums in another order
     tv_feats = OrderedDict(zip(["0", "1", "2", "3", "pool"], feats.values()))
     if not aligned:
         theirs = TVMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(tv_feats, boxes, sizes)

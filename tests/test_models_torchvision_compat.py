@@ -52,7 +52,7 @@ def _spread(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _assert_same(ours, ref, atol=1e-4, rtol=1e-4):
+def _assert_same(ours, ref, atol=1e-4, rtol=1e-4, mask_atol=None):
     assert len(ours) == len(ref)
     for a, b in zip(ours, ref):
         assert set(a) == set(b)
@@ -60,7 +60,8 @@ def _assert_same(ours, ref, atol=1e-4, rtol=1e-4):
         assert torch.equal(a["labels"], b["labels"])
         for key in ("boxes", "scores", "masks"):
             if key in b:
-                torch.testing.assert_close(a[key], b[key], atol=atol, rtol=rtol)
+                tol = mask_atol if key == "masks" and mask_atol is not None else atol
+                torch.testing.assert_close(a[key], b[key], atol=tol, rtol=rtol)
 
 
 def _run(model, images):
@@ -92,8 +93,10 @@ def test_torchvision_resnet50_builders_parity(builder):
     ref = _run(tv, images)
     # norm="bn" keeps torchvision's BatchNorm kernels: the same numbers. (The default frozen BatchNorm
     # computes the same affine map in another rounding order, which a random ResNet-50 amplifies.)
-    _assert_same(_run(from_torchvision(tv, norm="bn"), images), ref)
-    _assert_same(_run(from_torchvision(tv.state_dict(), norm="bn", **options), images), ref)
+    # resdet's CPU RoIAlign sums each bin in another order (pooled features ~400 here, differences of
+    # an ulp); through this random ResNet-50 that moves boxes by ~4e-5 px and pasted masks by up to ~2e-4.
+    _assert_same(_run(from_torchvision(tv, norm="bn"), images), ref, mask_atol=5e-4)
+    _assert_same(_run(from_torchvision(tv.state_dict(), norm="bn", **options), images), ref, mask_atol=5e-4)
 
 
 def _old_layout(sd):
