@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Run a trained detector on images or folders; write images with drawn boxes, labels, scores and masks,
-plus ``detections.json``.
+"""Run a trained model on images or folders; write the images with drawn predictions (detectors: boxes,
+labels, scores, masks; semantic models: a colour overlay with a legend) as PNG, plus ``detections.json``
+(boxes, scores, masks as COCO RLE; semantic: the share of pixels per class). Files that are not images are
+skipped and counted.
 
 Example::
 
@@ -21,21 +23,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
     parser.add_argument("--output", default="outputs/infer", help="folder for drawn images and detections.json")
     parser.add_argument("--score-thresh", type=float, default=None, help="default: eval.vis_score_thresh")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)
+    from resdet.engine.cli import run_guarded
 
-    from resdet.config import ConfigError
+    return run_guarded(lambda: _infer(args), debug=args.debug)
+
+
+def _infer(args: argparse.Namespace) -> int:
     from resdet.engine.inference import config_for_checkpoint, infer_images
 
-    try:
-        cfg = config_for_checkpoint(args.checkpoint, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    results = infer_images(cfg, args.checkpoint, args.input, args.output, score_thresh=args.score_thresh)
-    total = sum(len(r["detections"]) for r in results)
-    print(f"{len(results)} images, {total} detections -> {args.output}/ (detections.json)")
-    return 0
+    cfg = config_for_checkpoint(args.checkpoint, args.config, args.overrides)
+    out = infer_images(cfg, args.checkpoint, args.input, args.output, score_thresh=args.score_thresh)
+    results, skipped, failed = out["results"], out["skipped"], out["failed"]
+    if "detections" in (results[0] if results else {"detections": []}):
+        found = f"{sum(len(r['detections']) for r in results)} detections"
+    else:
+        found = "semantic maps"
+    line = f"{len(results)} images, {found} -> {args.output}/ (detections.json)"
+    if skipped or failed:
+        line += f"; skipped {len(skipped)} non-image files and {len(failed)} undecodable images"
+    print(line)
+    for item in failed:
+        print(f"  skipped: {item}", file=sys.stderr)
+    return 0 if results else 1
 
 
 if __name__ == "__main__":

@@ -22,23 +22,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="YAML config (default: the config stored in a resdet checkpoint)")
     parser.add_argument("--checkpoint", required=True, help="model weights to evaluate")
     parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)
+    from resdet.engine.cli import run_guarded
 
-    from resdet.config import ConfigError
+    return run_guarded(lambda: _test(args), debug=args.debug)
+
+
+def _test(args: argparse.Namespace) -> int:
+
     from resdet.engine import distributed as dist
     from resdet.engine.inference import config_for_checkpoint, evaluate_checkpoint
 
-    try:
-        cfg = config_for_checkpoint(args.checkpoint, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_for_checkpoint(args.checkpoint, args.config, args.overrides)
     try:
         metrics, summary = evaluate_checkpoint(cfg, args.checkpoint)
+        rank = dist.get_rank()  # before the process group is gone
     finally:
         dist.destroy_distributed()
-    if dist.get_rank() == 0:
+    if rank == 0:
         print(summary)
         if args.json:
             with open(args.json, "w") as f:

@@ -25,36 +25,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint in train.output_dir")
     parser.add_argument("--resume-from", default=None, metavar="PATH", help="resume from this checkpoint file")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from resdet.config import ConfigError, load_config
-    from resdet.engine import distributed as dist
-    from resdet.engine.trainer import Trainer, TrainingInterrupted
+    from resdet.engine.cli import run_guarded
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    return run_guarded(lambda: _train(args), debug=args.debug)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from resdet.config import load_config
+    from resdet.engine import distributed as dist
+    from resdet.engine.cli import final_line
+    from resdet.engine.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
     try:
         trainer = Trainer(cfg, resume=args.resume_from or args.resume)
         metrics = trainer.train()
-    except TrainingInterrupted as err:
-        print(str(err), file=sys.stderr)
-        return 128 + err.signum
-    except FloatingPointError as err:
-        print(f"training stopped: {err}", file=sys.stderr)
-        return 1
+        rank = dist.get_rank()  # before the process group is gone
     finally:
         dist.destroy_distributed()
-    if dist.get_rank() == 0:
-        print(trainer.summary)
-        keys = [k for k in ("bbox/AP", "segm/AP", "bbox/mAP50", "mIoU") if k in metrics]
-        print("final: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in keys) + f"; outputs in {cfg.train.output_dir}")
+    if rank == 0:
+        if trainer.summary:
+            print(trainer.summary)
+        print(final_line(metrics, cfg.train.output_dir))
     return 0
 
 

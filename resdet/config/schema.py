@@ -51,6 +51,7 @@ class IntAsStr:
 
 Count = Annotated[int, Min(1)]  # a positive count: iterations, images, periods
 NonNegative = Annotated[int, Min(0)]
+IterOrFraction = Annotated[int | float, Min(0)]  # iterations, or (below 1) a fraction of solver.max_iter
 Year = Annotated[str, IntAsStr()]
 
 
@@ -134,9 +135,9 @@ class SolverConfig:
     no_decay_norm_bias: bool = False  # no weight decay on normalization weights and on biases
     schedule: Literal["multistep", "cosine", "constant"] = "multistep"
     max_iter: Count = 90000
-    steps: list[NonNegative] = field(default_factory=lambda: [60000, 80000])
+    steps: list[IterOrFraction] = field(default_factory=lambda: [60000, 80000])  # < 1: fraction of max_iter
     gamma: float = 0.1
-    warmup_iters: NonNegative = 1000
+    warmup_iters: IterOrFraction = 1000  # iterations; < 1: a fraction of max_iter
     warmup_factor: float = 0.001
     min_lr_factor: float = 0.0  # cosine floor as a fraction of lr
     clip_grad_norm: float | None = None

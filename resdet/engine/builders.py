@@ -238,9 +238,10 @@ def build_evaluator(cfg: Config, dataset: Dataset, *, output_dir: str | None = N
         else:
             kind = "coco"
     if kind == "sem_seg":
-        names = list(getattr(dataset, "class_names", []))
+        from .visualize import semantic_class_names
+
         num = cfg.model.num_classes
-        return SemSegEvaluator(num, class_names=names if len(names) == num else None)
+        return SemSegEvaluator(num, class_names=semantic_class_names(getattr(dataset, "class_names", []), num))
     if kind == "voc":
         return VOCEvaluator(list(dataset.class_names), use_07_metric=cfg.eval.voc_07_metric)
     coco = getattr(dataset, "coco", None)

@@ -8,13 +8,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from resdet.config import Config, apply_overrides, config_from_dict, load_config
+from resdet.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
 from resdet.models import build_model
 
 from . import distributed as dist
 from .builders import build_dataset, build_evaluator, build_test_loader
-from .checkpoint import unwrap_model
-from .pretrained import load_pretrained, read_state_dict
+from .checkpoint import CheckpointError, load_checkpoint_file, load_model_state, unwrap_model
+from .pretrained import load_pretrained, read_checkpoint
 
 __all__ = ["amp_dtype", "config_for_checkpoint", "evaluate_model", "load_model", "evaluate_checkpoint",
            "infer_images"]
@@ -48,9 +48,11 @@ def config_for_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLi
     checkpoint (else the defaults); ``overrides`` applied last."""
     if config is not None:
         return load_config(config, overrides)
+    if not os.path.isfile(checkpoint):
+        raise CheckpointError(f"--checkpoint {os.fspath(checkpoint)!r} does not exist")
     stored = None
-    if os.path.isfile(checkpoint) and not str(checkpoint).endswith(".safetensors"):
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if not str(checkpoint).endswith(".safetensors"):
+        obj = load_checkpoint_file(checkpoint)
         stored = obj.get("config") if isinstance(obj, dict) else None
     cfg = config_from_dict(stored) if stored else load_config(None)
     return apply_overrides(cfg, overrides)
@@ -61,12 +63,11 @@ def load_model(cfg: Config, checkpoint: str | os.PathLike, *, device: torch.devi
     goes through :func:`load_pretrained` and its report is printed). Returns (eval-mode model, metadata
     with ``class_names`` and ``contiguous_to_cat_id`` when the checkpoint has them)."""
     model = build_model(cfg)
-    state, is_resdet = read_state_dict(checkpoint)
+    state, extras = read_checkpoint(checkpoint, key="--checkpoint")
     meta: dict[str, Any] = {}
-    if is_resdet:
-        model.load_state_dict(state)
-        full = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        meta = {k: full[k] for k in ("class_names", "contiguous_to_cat_id") if k in full}
+    if extras:
+        load_model_state(model, state, checkpoint, stored_config=extras.get("config"), config=config_to_dict(cfg))
+        meta = {k: extras[k] for k in ("class_names", "contiguous_to_cat_id") if k in extras}
     else:
         print(load_pretrained(model, checkpoint))
     return model.to(device).eval(), meta
@@ -81,12 +82,22 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | os.PathLike) -> tuple[dic
 
 
 def infer_images(cfg: Config, checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike],
-          output_dir: str | os.PathLike, *, score_thresh: float | None = None) -> list[dict[str, Any]]:
-    """Draw ``checkpoint``'s detections on image files/folders into ``output_dir`` with ``detections.json``."""
-    from .visualize import list_images, predict_files
+                 output_dir: str | os.PathLike, *, score_thresh: float | None = None) -> dict[str, Any]:
+    """Draw ``checkpoint``'s predictions on image files/folders into ``output_dir`` with ``detections.json``.
 
+    Returns:
+        ``results`` (one entry per written image), ``skipped`` (files in the folders that are not images by
+        their suffix) and ``failed`` (files that could not be decoded, ``"path: reason"``).
+    """
+    from .visualize import list_images, predict_files, semantic_class_names
+
+    files, skipped = list_images(inputs)
     device = dist.init_distributed(cfg.train.device)
     model, meta = load_model(cfg, checkpoint, device=device)
     thresh = cfg.eval.vis_score_thresh if score_thresh is None else score_thresh
-    return predict_files(model, list_images(inputs), Path(output_dir), device=device,
-                         class_names=meta.get("class_names", ()), score_thresh=thresh)
+    names = list(meta.get("class_names", ()))
+    if cfg.model.arch == "semantic_fpn":
+        names = semantic_class_names(names, cfg.model.num_classes)
+    results, failed = predict_files(model, files, Path(output_dir), device=device, class_names=names,
+                                    score_thresh=thresh)
+    return {"results": results, "skipped": [str(p) for p in skipped], "failed": failed}

@@ -1,5 +1,6 @@
 """Training logs: ``metrics.jsonl`` (one JSON object per logged step or evaluation), TensorBoard when
-installed, and a tqdm progress bar with iteration, loss, lr and ETA. Only rank 0 writes."""
+installed, a tqdm progress bar with iteration, loss, lr and ETA, and a text line every ``log_period``
+iterations on stdout and in ``log.txt`` (bar or no bar). Only rank 0 writes."""
 from __future__ import annotations
 
 import json
@@ -12,11 +13,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-__all__ = ["setup_logger", "MetricsWriter", "ProgressBar"]
+__all__ = ["setup_logger", "MetricsWriter", "ProgressBar", "format_progress"]
 
 
 def setup_logger(output_dir: str | os.PathLike | None = None, *, rank: int = 0, name: str = "resdet") -> logging.Logger:
-    """A logger printing to stderr on rank 0 (warnings only elsewhere) and to ``output_dir/log.txt``."""
+    """A logger printing to stdout on rank 0 (warnings only elsewhere) and to ``output_dir/log.txt``."""
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
@@ -24,7 +25,7 @@ def setup_logger(output_dir: str | os.PathLike | None = None, *, rank: int = 0, 
         logger.removeHandler(h)
         h.close()
     fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    stream = logging.StreamHandler(sys.stderr)
+    stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(fmt)
     logger.addHandler(stream)
     if output_dir is not None and rank == 0:
@@ -71,6 +72,29 @@ class MetricsWriter:
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(f"{kind}/{k}", v, iteration)
 
+    def truncate(self, iteration: int) -> int:
+        """Drop rows a resumed run redoes: every row after ``iteration`` and the evaluation rows at it
+        (that evaluation is re-run). Returns the number of rows dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                dropped += 1
+                continue
+            it = row.get("iteration", 0)
+            if it > iteration or (it == iteration and row.get("kind") != "train"):
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        return dropped
+
     def close(self) -> None:
         """Flush and close TensorBoard."""
         if self._tb is not None:
@@ -98,3 +122,13 @@ class ProgressBar:
     def close(self) -> None:
         """Close the bar."""
         self._bar.close()
+
+
+def format_progress(iteration: int, max_iter: int, losses: dict[str, float], *, lr: float, per_iter: float) -> str:
+    """One progress line: ``iter 20/800  loss 1.234 (loss_classifier 0.5, ...)  lr 2.0e-02  0.71 s/it  ETA 9m16s``."""
+    eta = int(per_iter * (max_iter - iteration))
+    h, rest = divmod(eta, 3600)
+    eta_text = f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+    parts = ", ".join(f"{k} {v:.4g}" for k, v in losses.items() if k != "loss")
+    total = f"loss {losses['loss']:.4g} ({parts})" if "loss" in losses else parts
+    return f"iter {iteration}/{max_iter}  {total}  lr {lr:.3g}  {per_iter:.3f} s/it  ETA {eta_text}"

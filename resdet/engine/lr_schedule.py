@@ -1,4 +1,10 @@
-"""Per-iteration learning-rate schedules: linear warmup followed by multistep, cosine or constant."""
+"""Per-iteration learning-rate schedules: linear warmup followed by multistep, cosine or constant.
+
+``solver.steps`` and ``solver.warmup_iters`` may be written as fractions of ``solver.max_iter`` (a value
+below 1, e.g. ``steps: [0.75, 0.94]``, ``warmup_iters: 0.1``) so that the schedule follows the run length;
+whole numbers are iterations. :func:`resolve_schedule` turns both into iterations and refuses a schedule
+whose warmup or steps lie beyond the end of training.
+"""
 from __future__ import annotations
 
 import bisect
@@ -8,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["LRFactor", "build_lr_scheduler"]
+__all__ = ["LRFactor", "build_lr_scheduler", "resolve_schedule"]
 
 
 @dataclass
@@ -57,3 +63,29 @@ class LRFactor:
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, factor: LRFactor) -> LambdaLR:
     """A ``LambdaLR`` stepped once per optimizer step; its state dict round-trips through checkpoints."""
     return LambdaLR(optimizer, lr_lambda=factor)
+
+
+def resolve_schedule(*, max_iter: int, steps: list[float] | tuple[float, ...], warmup_iters: float,
+                     schedule: str = "multistep") -> tuple[tuple[int, ...], int]:
+    """``(steps, warmup_iters)`` in iterations: values below 1 are fractions of ``max_iter``.
+
+    Raises:
+        ValueError: a step or the warmup reaches ``max_iter`` (it would never take effect), naming the keys
+            and suggesting the fractions to write instead.
+    """
+    def iters(value: float) -> int:
+        return int(round(value * max_iter)) if 0 < value < 1 else int(value)
+
+    abs_steps = tuple(iters(s) for s in steps) if schedule == "multistep" else ()
+    warmup = iters(warmup_iters)
+    problems = []
+    late = [s for s in abs_steps if s >= max_iter]
+    if late:
+        problems.append(f"solver.steps {list(steps)} has {late} at or beyond solver.max_iter={max_iter}")
+    if warmup >= max_iter:
+        problems.append(f"solver.warmup_iters={warmup_iters} is not below solver.max_iter={max_iter}")
+    if problems:
+        raise ValueError("; ".join(problems) + ": the learning rate would never follow its schedule; write them "
+                         "as fractions of max_iter to follow the run length, e.g. solver.steps=[0.75,0.9] "
+                         "solver.warmup_iters=0.1")
+    return abs_steps, warmup

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LoadReport", "load_pretrained", "read_state_dict"]
+from .checkpoint import CheckpointError, load_checkpoint_file
+
+__all__ = ["LoadReport", "load_pretrained", "read_checkpoint", "read_state_dict"]
 
 
 @dataclass
@@ -61,18 +64,33 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], bool]:
-    """Read a checkpoint file into a flat state dict; the flag says it is a resdet training checkpoint."""
+def read_checkpoint(path: str | os.PathLike, *, key: str = "model.weights") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a checkpoint file (``weights_only=True``) into ``(flat state dict, resdet extras)``; the extras
+    (``config``, ``class_names``, ...) are empty unless it is a resdet checkpoint.
+
+    Raises:
+        CheckpointError: missing, empty, truncated, corrupt or unsafe, or no state dict in it (names the file).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"model.weights: checkpoint file {path!r} does not exist")
+        raise CheckpointError(f"{key}: checkpoint file {path!r} does not exist")
     if not path.endswith(".safetensors"):
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = load_checkpoint_file(path)
         if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "resdet" in obj:
-            return dict(obj["model"]), True
+            return dict(obj["model"]), {k: v for k, v in obj.items() if k != "model"}
     from resdet.backbones.weights import load_checkpoint
 
-    return load_checkpoint(path), False
+    try:
+        return load_checkpoint(path), {}
+    except (ValueError, RuntimeError, OSError) as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{key}: checkpoint {path!r} is unreadable: {detail}") from None
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], bool]:
+    """Read a checkpoint file into a flat state dict; the flag says it is a resdet checkpoint."""
+    state, extras = read_checkpoint(path)
+    return state, bool(extras)
 
 
 def _body_prefix(model_keys: list[str]) -> str:

@@ -9,6 +9,13 @@ used as given, so scale it yourself when changing the number of GPUs.
 Per micro-batch the ranks all-reduce one small vector (each loss, a non-finite flag and a stop flag), so
 every rank agrees on logging values, on stopping at a non-finite loss (before the backward pass, so the
 last good checkpoint stays the newest) and on stopping after SIGINT/SIGTERM (a checkpoint is saved first).
+A signal during an evaluation stops it at once: the checkpoint of that iteration is saved (it already is at
+the end of training), and ``--resume`` re-runs that evaluation.
+
+What stays on disk: resumable ``model_NNNNNNN.pth`` (with optimizer state; one is written at the end of
+training too), ``model_final.pth`` and ``model_best.pth`` with the weights only (``model_best.pth`` is a
+link to ``model_final.pth`` when the final model is the best), ``metrics.jsonl`` without the rows of redone
+iterations after a resume.
 """
 from __future__ import annotations
 
@@ -30,10 +37,11 @@ from resdet.models import build_model
 
 from . import distributed as dist
 from .builders import build_dataset, build_train_loader, dataset_metadata
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, load_model_state,
+                         restore_rng_state)
 from .inference import amp_dtype, evaluate_model
-from .logger import MetricsWriter, ProgressBar, setup_logger
-from .lr_schedule import LRFactor, build_lr_scheduler
+from .logger import MetricsWriter, ProgressBar, format_progress, setup_logger
+from .lr_schedule import LRFactor, build_lr_scheduler, resolve_schedule
 from .optim import build_optimizer, scaled_lr
 from .pretrained import load_pretrained
 
@@ -42,9 +50,19 @@ __all__ = ["Trainer", "TrainingInterrupted", "seed_everything"]
 class TrainingInterrupted(RuntimeError):
     """Raised after SIGINT/SIGTERM once the checkpoint is saved; ``signum`` tells which signal."""
 
-    def __init__(self, signum: int, checkpoint: Path) -> None:
-        super().__init__(f"stopped by signal {signum}; checkpoint saved to {checkpoint}")
+    def __init__(self, signum: int, checkpoint: Path | None, during: str = "training") -> None:
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint saved"
+        super().__init__(f"stopped by {name} during {during}; {where}; continue with --resume")
         self.signum, self.checkpoint = signum, checkpoint
+
+
+class _StopNow(BaseException):
+    """Raised by the signal handler inside an evaluation (BaseException: no ``except Exception`` eats it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
@@ -73,6 +91,11 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         self.output_dir = Path(cfg.train.output_dir)
         self.logger = setup_logger(self.output_dir, rank=self.rank)
+        s = cfg.solver
+        if s.max_iter < 1:
+            raise ValueError(f"solver.max_iter must be >= 1, got {s.max_iter}")
+        steps, warmup = resolve_schedule(max_iter=s.max_iter, steps=s.steps, warmup_iters=s.warmup_iters,
+                                         schedule=s.schedule)
         seed_everything(cfg.train.seed + self.rank, deterministic=cfg.train.deterministic)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -82,7 +105,6 @@ class Trainer:
         self.val_set = build_dataset(cfg, train=False) if cfg.eval.evaluator != "none" else None
         self.metadata = dataset_metadata(self.train_set)
         self.model = self._build_model().to(self.device)
-        s = cfg.solver
         total_batch = cfg.data.batch_size * self.world_size * s.accumulate
         lr = scaled_lr(s.lr, total_batch_size=total_batch, base_batch_size=s.base_batch_size) if s.scale_lr else s.lr
         self.logger.info("total batch %d (%d/process x %d processes x %d accumulation), lr %.4g",
@@ -90,9 +112,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, name=s.optimizer, lr=lr, weight_decay=s.weight_decay,
                                          no_decay_norm_bias=s.no_decay_norm_bias, momentum=s.momentum,
                                          nesterov=s.nesterov, betas=tuple(s.betas))
-        self.scheduler = build_lr_scheduler(self.optimizer, LRFactor(
-            schedule=s.schedule, max_iter=s.max_iter, steps=tuple(s.steps), gamma=s.gamma,
-            warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor, min_factor=s.min_lr_factor))
+        self.base_lr = lr
+        self.lr_factor = LRFactor(schedule=s.schedule, max_iter=s.max_iter, steps=steps, gamma=s.gamma,
+                                  warmup_iters=warmup, warmup_factor=s.warmup_factor, min_factor=s.min_lr_factor)
+        self.scheduler = build_lr_scheduler(self.optimizer, self.lr_factor)
         self.amp_dtype = amp_dtype(cfg.train.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         self.ddp_model: nn.Module = self.model
@@ -102,11 +125,15 @@ class Trainer:
                 find_unused_parameters=cfg.train.find_unused_parameters)
         self.loader, self.batch_sampler, self.seeded_set = build_train_loader(
             cfg, self.train_set, rank=self.rank, world_size=self.world_size)
-        self.checkpoints = CheckpointManager(self.output_dir, keep_last=cfg.train.keep_last)
+        self.checkpoints = CheckpointManager(self.output_dir, keep_last=cfg.train.keep_last, clean=self.rank == 0)
+        if self.checkpoints.removed_tmp:
+            self.logger.info("removed partial files of an interrupted run: %s", ", ".join(self.checkpoints.removed_tmp))
         self.writer = MetricsWriter(self.output_dir, enabled=self.rank == 0)
         self.iteration, self.batches_done = 0, 0
         self.best: dict[str, Any] = {"metric": cfg.train.best_metric, "value": None, "iteration": None}
         self._signal: int | None = None
+        self._stop_now = False  # inside an evaluation: a signal stops at once
+        self._saved_at: int | None = None  # iteration of the newest resumable checkpoint
         self.summary = ""
         if resume:
             self._resume(resume)
@@ -125,46 +152,92 @@ class Trainer:
         return model
 
     def _resume(self, resume: bool | str) -> None:
-        path = self.checkpoints.latest() if resume is True else Path(resume)
-        if path is None:
-            self.logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
-            return
-        state = CheckpointManager.load(path, map_location="cpu")  # RNG states must stay on the CPU
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if resume is True:
+            found = self.checkpoints.load_newest(log=self.logger.warning)
+            if found is None:
+                self.logger.info("--resume: no checkpoint in %s, starting from scratch", self.output_dir)
+                return
+            path, state = found
+        else:
+            path = Path(resume)
+            state = CheckpointManager.load(path, map_location="cpu", resumable=True)  # RNG states stay on the CPU
+        load_model_state(self.model, state["model"], path, stored_config=state.get("config"),
+                         config=config_to_dict(self.cfg))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {str(path)!r}: optimizer state does not fit solver.optimizer="
+                                  f"{self.cfg.solver.optimizer!r}: {err}") from None
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_schedule(path)
         self.scaler.load_state_dict(state["scaler"])
         self.iteration, self.batches_done = state["iteration"], state["batches_done"]
+        self._saved_at = self.iteration
         self.best = state.get("best", self.best)
         rng = state["rng"]
         restore_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
-        self.logger.info("resumed from %s at iteration %d", path, self.iteration)
+        dropped = self.writer.truncate(self.iteration)
+        self.logger.info("resumed from %s at iteration %d%s", path, self.iteration,
+                         f" ({dropped} metrics rows of redone iterations dropped)" if dropped else "")
+
+    def _apply_schedule(self, path: Path) -> None:
+        """After loading a scheduler state: keep this config's schedule and learning rate (said when they
+        differ from the checkpoint's) and set every group's current lr from them."""
+        sched = self.scheduler
+        old_base = list(sched.base_lrs)
+        if any(abs(b - self.base_lr) > 1e-12 * max(1.0, abs(b)) for b in old_base):
+            self.logger.warning("solver.lr changed on resume: %s trained with lr %.4g, applying %.4g from "
+                                "iteration %d", path.name, old_base[0], self.base_lr, sched.last_epoch)
+        old_factor = dict(sched.lr_lambdas[0].__dict__) if hasattr(sched.lr_lambdas[0], "__dict__") else {}
+        if old_factor and old_factor != self.lr_factor.__dict__:
+            changed = {k: v for k, v in self.lr_factor.__dict__.items() if old_factor.get(k) != v}
+            self.logger.info("LR schedule differs from %s's; applying %s", path.name, changed)
+        sched.lr_lambdas = [self.lr_factor] * len(self.optimizer.param_groups)
+        sched.base_lrs = [self.base_lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.base_lr
+            group["lr"] = self.base_lr * self.lr_factor(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # ------------------------------------------------------------------------------------ checkpoints
-    def _state(self) -> dict[str, Any]:
-        rng = dist.all_gather_object(capture_rng_state())  # every rank's generators
+    def _weights_state(self) -> dict[str, Any]:
+        """What inference and fine-tuning need: weights, config and label metadata."""
         return {
             "resdet": resdet.__version__,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "iteration": self.iteration,
-            "batches_done": self.batches_done,
-            "rng": rng,
-            "best": self.best,
+            "best": dict(self.best),
             "config": config_to_dict(self.cfg),
             **self.metadata,
         }
 
+    def _state(self) -> dict[str, Any]:
+        rng = dist.all_gather_object(capture_rng_state())  # every rank's generators
+        return {
+            **self._weights_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "batches_done": self.batches_done,
+            "rng": rng,
+        }
+
     def save_checkpoint(self, name: str | None = None) -> Path:
-        """Save the full training state (all ranks must call; rank 0 writes)."""
+        """Save the full (resumable) training state (all ranks must call; rank 0 writes)."""
         state = self._state()
         name = name or self.checkpoints.periodic_name(self.iteration)
         path = self.output_dir / f"{name}.pth"
         if self.rank == 0:
             path = self.checkpoints.save(state, name)
         dist.barrier()
+        self._saved_at = self.iteration
+        return path
+
+    def _save_weights(self, name: str) -> Path:
+        """Save the weights-only checkpoint ``<name>.pth`` (rank 0; no collective)."""
+        path = self.output_dir / f"{name}.pth"
+        if self.rank == 0:
+            self.checkpoints.save(self._weights_state(), name, update_latest=False)
         return path
 
     # ----------------------------------------------------------------------------------------- loop
@@ -178,11 +251,25 @@ class Trainer:
             epoch, offset = epoch + 1, 0
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_now:  # inside an evaluation: stop it now
+            self._stop_now = False
+            raise _StopNow(signum)
         if self._signal is not None:  # second signal: give up at once
             raise KeyboardInterrupt
         self._signal = signum
 
+    @staticmethod
+    def _check_finite(images: list, targets: list) -> None:
+        for i, (img, target) in enumerate(zip(images, targets)):
+            if img.is_floating_point() and not bool(torch.isfinite(img).all()):
+                bad = int((~torch.isfinite(img)).sum())
+                image_id = target.get("image_id", "?") if isinstance(target, dict) else "?"
+                image_id = int(image_id) if torch.is_tensor(image_id) else image_id
+                raise ValueError(f"training image_id {image_id} (batch item {i}) has {bad} NaN/inf pixel values; "
+                                 f"check the dataset and its transforms")
+
     def _forward(self, images: list, targets: list, last_micro: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self._check_finite(images, targets)
         images = [img.to(self.device, non_blocking=True) for img in images]
         targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
         sync = contextlib.nullcontext() if last_micro or not dist.is_distributed() else self.ddp_model.no_sync()
@@ -251,6 +338,38 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         max_iter = cfg.solver.max_iter
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            start = time.perf_counter()
+            if self._eval_due_on_resume():
+                self._periodic_eval()
+            self._loop(max_iter)
+            train_time = time.perf_counter() - start
+            self._sync_buffers()
+            if self._saved_at != self.iteration:  # the resumable end-of-training state, before evaluating
+                self.save_checkpoint()
+            checkpoint = self.output_dir / f"{self.checkpoints.periodic_name(self.iteration)}.pth"
+            try:
+                self._stop_now = True
+                metrics, summary = self._evaluate()
+                is_best = self._record_best(metrics)
+                self._save_weights("model_final")
+                if is_best and self.rank == 0:  # the same weights: a link, not a second copy
+                    self.checkpoints.link("model_final", "model_best")
+                self._draw()
+            except _StopNow as stop:
+                raise TrainingInterrupted(stop.signum, checkpoint, during="the final evaluation") from None
+            finally:
+                self._stop_now = False
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        self.writer.write(self.iteration, {"time/train_s": train_time}, kind="train_end")
+        self.writer.close()
+        self.summary = summary
+        return metrics
+
+    def _loop(self, max_iter: int) -> None:
+        t = self.cfg.train
         self._data = self._batches()
         bar = ProgressBar(max_iter, initial=self.iteration, enabled=self.rank == 0 and t.progress_bar)
         self.ddp_model.train()
@@ -265,6 +384,7 @@ class Trainer:
                     per_iter = (time.perf_counter() - start) / (it - start_iter)
                     self.writer.write(it, {**logged, "lr": lr, "time/iter": per_iter,
                                            "eta_s": per_iter * (max_iter - it)})
+                    self.logger.info(format_progress(it, max_iter, logged, lr=lr, per_iter=per_iter))
                 if stop:
                     path = self.save_checkpoint()
                     raise TrainingInterrupted(self._signal or signal.SIGTERM, path)
@@ -274,23 +394,30 @@ class Trainer:
                     self._periodic_eval()
         finally:
             bar.close()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
-        train_time = time.perf_counter() - start
-        self._sync_buffers()
-        metrics, summary = self._evaluate()
-        self._update_best(metrics, final=True)
-        self.save_checkpoint("model_final")
-        if self.rank == 0 and self.val_set is not None and t.num_vis_images:
-            from .visualize import save_dataset_visualizations
 
-            save_dataset_visualizations(self.model, self.val_set, self.output_dir / "vis", device=self.device,
-                                        num_images=t.num_vis_images, class_names=self.metadata["class_names"],
-                                        score_thresh=cfg.eval.vis_score_thresh)
-        self.writer.write(self.iteration, {"time/train_s": train_time}, kind="train_end")
-        self.writer.close()
-        self.summary = summary
-        return metrics
+    def _eval_due_on_resume(self) -> bool:
+        """A resumed run at a periodic-evaluation iteration re-runs that evaluation (it may have been killed)."""
+        it, period = self.iteration, self.cfg.train.eval_period
+        return bool(self._saved_at == it and period and 0 < it < self.cfg.solver.max_iter and it % period == 0)
+
+    def _draw(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        if self.rank == 0 and self.val_set is not None and t.num_vis_images:
+            from .visualize import save_dataset_visualizations, semantic_class_names
+
+            names = self.metadata["class_names"]
+            if cfg.model.arch == "semantic_fpn":
+                names = semantic_class_names(names, cfg.model.num_classes)
+            paths, drawn = save_dataset_visualizations(
+                self.model, self.val_set, self.output_dir / "vis", device=self.device, num_images=t.num_vis_images,
+                class_names=names, score_thresh=cfg.eval.vis_score_thresh)
+            if paths and not drawn:
+                self.logger.warning("drew %d validation images into %s: no prediction reached eval.vis_score_thresh"
+                                    "=%.2f, the images show none (train longer or lower the threshold)",
+                                    len(paths), self.output_dir / "vis", cfg.eval.vis_score_thresh)
+            elif paths:
+                self.logger.info("drew %d validation images into %s (%d predictions at score >= %.2f)",
+                                 len(paths), self.output_dir / "vis", drawn, cfg.eval.vis_score_thresh)
 
     # ------------------------------------------------------------------------------------ evaluation
     def _sync_buffers(self) -> None:
@@ -304,28 +431,39 @@ class Trainer:
             return {}, ""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             py, npst = random.getstate(), np.random.get_state()
-            metrics, summary = evaluate_model(self.cfg, self.model, self.val_set, device=self.device,
-                                              output_dir=str(self.output_dir))
-            random.setstate(py)
-            np.random.set_state(npst)
+            try:
+                metrics, summary = evaluate_model(self.cfg, self.model, self.val_set, device=self.device,
+                                                  output_dir=str(self.output_dir))
+            finally:
+                random.setstate(py)
+                np.random.set_state(npst)
         self.writer.write(self.iteration, metrics, kind="eval")
         return metrics, summary
 
     def _periodic_eval(self) -> None:
         self._sync_buffers()
-        metrics, summary = self._evaluate()
+        try:
+            self._stop_now = True
+            metrics, summary = self._evaluate()
+        except _StopNow as stop:
+            self._stop_now = False
+            path = self.save_checkpoint() if self._saved_at != self.iteration else \
+                self.output_dir / f"{self.checkpoints.periodic_name(self.iteration)}.pth"
+            raise TrainingInterrupted(stop.signum, path, during=f"the evaluation at iteration {self.iteration}") \
+                from None
+        finally:
+            self._stop_now = False
         self.logger.info("evaluation at iteration %d:\n%s", self.iteration, summary)
-        self._update_best(metrics)
+        if self._record_best(metrics):
+            self._save_weights("model_best")
         self.ddp_model.train()
 
-    def _update_best(self, metrics: dict[str, float], final: bool = False) -> None:
-        name = self.best["metric"]
-        value = metrics.get(name)
+    def _record_best(self, metrics: dict[str, float]) -> bool:
+        """Update ``self.best`` from ``metrics``; True when this is a new best."""
+        value = metrics.get(self.best["metric"])
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            return
+            return False
         if self.best["value"] is None or value > self.best["value"]:
             self.best.update(value=value, iteration=self.iteration)
-            state = self._state()
-            if self.rank == 0:
-                self.checkpoints.save(state, "model_best", update_latest=False)
-            dist.barrier()
+            return True
+        return False

@@ -1,29 +1,42 @@
-"""Draw predictions with torchvision.utils and run a model on image files (``tools/infer.py``)."""
+"""Draw predictions and run a model on image files (``tools/infer.py``).
+
+Detections: masks with ``torchvision.utils.draw_segmentation_masks``, boxes with ``draw_bounding_boxes``,
+captions with PIL at a size that follows the image (readable at 128 px and at 2000 px). Semantic maps: a
+colour overlay per class and a legend of the classes present. Images are read by the one reader of the
+datasets (``resdet.data.image_io.read_image``: 16-bit, palette, grayscale and RGBA files as training sees them).
+"""
 from __future__ import annotations
 
 import colorsys
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-__all__ = ["IMAGE_SUFFIXES", "draw_predictions", "list_images", "predict_files", "save_dataset_visualizations",
-           "read_rgb", "write_rgb"]
+from resdet.data.image_io import ImageReadError, image_to_tensor, read_image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+__all__ = ["IMAGE_SUFFIXES", "draw_predictions", "draw_semantic", "list_images", "predict_files",
+           "save_dataset_visualizations", "read_rgb", "semantic_class_names", "write_rgb", "mask_to_rle"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+logger = logging.getLogger("resdet")
 
 
 def read_rgb(path: str | os.PathLike) -> Tensor:
-    """Image file → uint8 ``Tensor[3, H, W]`` RGB."""
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # HWC -> CHW
+    """Image file → uint8 ``Tensor[3, H, W]`` RGB, read as the datasets read it.
+
+    Raises:
+        ImageReadError: missing or undecodable file (the message names it).
+    """
+    return torch.from_numpy(read_image(os.fspath(path))).permute(2, 0, 1)  # HWC -> CHW
 
 
 def write_rgb(image: Tensor, path: str | os.PathLike) -> None:
@@ -43,12 +56,56 @@ def _label_name(label: int, class_names: Sequence[str]) -> str:
     return class_names[label - 1] if 0 < label <= len(class_names) else str(label)
 
 
+def semantic_class_names(names: Sequence[str], num_classes: int) -> list[str]:
+    """Names of semantic classes ``0..num_classes-1``: the dataset's names when they cover every class,
+    ``background`` first when they name the foreground classes only, else the class ids."""
+    names = list(names)
+    if len(names) == num_classes:
+        return names
+    if len(names) == num_classes - 1:
+        return ["background", *names]
+    return [str(k) for k in range(num_classes)]
+
+
+def _font(height: int, width: int) -> tuple[ImageFont.ImageFont, int]:
+    """A font whose size follows the image (about 2.5% of the short side, 8 to 48 px) and a line width."""
+    size = int(min(48, max(8, round(0.025 * min(height, width)))))
+    try:
+        font = ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType sizes
+        font = ImageFont.load_default()
+    return font, max(1, round(min(height, width) / 400))
+
+
+def _captions(img: Tensor, anchors: list[tuple[float, float]], texts: list[str],
+              colors: list[tuple[int, int, int]]) -> Tensor:
+    """Write ``texts`` on a filled background at the (x, y) ``anchors`` of uint8 ``img`` Tensor[3, H, W]."""
+    if not texts:
+        return img
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())  # CHW -> HWC
+    draw = ImageDraw.Draw(pil)
+    font, _ = _font(pil.height, pil.width)
+    for (x, y), text, color in zip(anchors, texts, colors):
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+        shift = min(0, pil.width - right)  # keep the caption inside the image
+        draw.rectangle((left + shift, top, right + shift, bottom), fill=color)
+        draw.text((x + shift, y), text, fill=(0, 0, 0), font=font)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # HWC -> CHW
+
+
+def _to_uint8(image: Tensor) -> Tensor:
+    img = image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    return img.cpu()
+
+
 def draw_predictions(image: Tensor, output: dict[str, Tensor], *, class_names: Sequence[str] = (),
                      score_thresh: float = 0.5) -> Tensor:
     """Image ``Tensor[3, H, W]`` (float in [0, 1] or uint8) with boxes, ``label score`` captions and
-    masks (thresholded at 0.5) of the detections scoring at least ``score_thresh``; returns uint8."""
-    img = image if image.dtype == torch.uint8 else (image.clamp(0, 1) * 255).round().to(torch.uint8)
-    img = img.cpu()
+    masks (thresholded at 0.5) of the detections scoring at least ``score_thresh``; returns uint8.
+    A semantic output (``sem_seg``) is drawn by :func:`draw_semantic` (``class_names`` index class ids)."""
+    img = _to_uint8(image)
+    if "sem_seg" in output:
+        return draw_semantic(img, output["sem_seg"], class_names=class_names)
     keep = output["scores"].cpu() >= score_thresh
     boxes = output["boxes"].cpu()[keep]
     labels = output["labels"].cpu()[keep].tolist()
@@ -59,74 +116,159 @@ def draw_predictions(image: Tensor, output: dict[str, Tensor], *, class_names: S
         masks = output["masks"].cpu()[keep][:, 0] >= 0.5  # [N, 1, H, W] probabilities -> [N, H, W] bool
         img = draw_segmentation_masks(img, masks, alpha=0.45, colors=colors)
     if len(labels):
+        _, width = _font(img.shape[1], img.shape[2])
+        img = draw_bounding_boxes(img, boxes, colors=colors, width=width)
         captions = [f"{_label_name(lab, class_names)} {s:.2f}" for lab, s in zip(labels, scores)]
-        img = draw_bounding_boxes(img, boxes, labels=captions, colors=colors, width=1)
+        img = _captions(img, [(float(b[0]) + width, float(b[1]) + width) for b in boxes], captions, colors)
     return img
+
+
+def draw_semantic(image: Tensor, sem_seg: Tensor, *, class_names: Sequence[str] = (), alpha: float = 0.5) -> Tensor:
+    """uint8 image ``Tensor[3, H, W]`` with a colour per class of the map ``sem_seg`` Tensor[H, W] (class 0,
+    the background, left uncoloured) and a legend of the classes present; returns uint8."""
+    img = _to_uint8(image)
+    sem = sem_seg.cpu()
+    present = [int(k) for k in torch.unique(sem).tolist() if 0 <= k < 255]
+    palette = _colors(max(len(class_names), max(present, default=0) + 1))
+    shown = [k for k in present if k != 0]
+    if shown:
+        masks = torch.stack([sem == k for k in shown])  # [C, H, W] bool
+        img = draw_segmentation_masks(img, masks, alpha=alpha, colors=[palette[k] for k in shown])
+    names = [class_names[k] if k < len(class_names) else str(k) for k in present]
+    if not present:
+        return img
+    font, _ = _font(img.shape[1], img.shape[2])
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())  # CHW -> HWC
+    draw = ImageDraw.Draw(pil)
+    line = draw.textbbox((0, 0), "Hg", font=font)[3] + 2
+    y = 2
+    for k, name in zip(present, names):  # legend, top-left: swatch + name
+        box = draw.textbbox((line + 4, y), name, font=font)
+        draw.rectangle((0, y, box[2] + 2, y + line), fill=(0, 0, 0))
+        draw.rectangle((2, y + 2, line - 2, y + line - 2), fill=palette[k] if k else (128, 128, 128))
+        draw.text((line + 4, y), name, fill=(255, 255, 255), font=font)
+        y += line
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # HWC -> CHW
+
+
+def _count_drawn(output: dict[str, Tensor], score_thresh: float) -> int:
+    if "sem_seg" in output:
+        return int((output["sem_seg"] != 0).any())
+    return int((output["scores"] >= score_thresh).sum())
 
 
 @torch.no_grad()
 def save_dataset_visualizations(model: nn.Module, dataset, out_dir: str | os.PathLike, *, device: torch.device,
                                 num_images: int, class_names: Sequence[str] = (),
-                                score_thresh: float = 0.5) -> list[Path]:
-    """Draw the predictions on the first ``num_images`` dataset images into ``out_dir``."""
+                                score_thresh: float = 0.5) -> tuple[list[Path], int]:
+    """Draw the predictions on the first ``num_images`` dataset images into ``out_dir``.
+
+    Returns:
+        (written files, number of predictions drawn over all of them: detections at ``score_thresh`` or
+        more; for semantic maps, images with any non-background pixel).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    paths = []
+    paths, drawn = [], 0
     for i in range(min(num_images, len(dataset))):
         image, target = dataset[i]
-        output = model([image.to(device)])[0]
-        drawn = draw_predictions(image, output, class_names=class_names, score_thresh=score_thresh)
+        output = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        drawn += _count_drawn(output, score_thresh)
+        picture = draw_predictions(image, output, class_names=class_names, score_thresh=score_thresh)
         path = out_dir / f"pred_{int(target.get('image_id', i)):06d}.png"
-        write_rgb(drawn, path)
+        write_rgb(picture, path)
         paths.append(path)
     model.train(was_training)
-    return paths
+    return paths, drawn
 
 
-def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files among ``inputs`` (files, or folders searched non-recursively), sorted per folder."""
+def list_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """Image files among ``inputs`` (files, or folders searched non-recursively, sorted).
+
+    Returns:
+        (image files, skipped files: those in folders without an image suffix).
+
+    Raises:
+        FileNotFoundError: an input does not exist, or no image file was found at all.
+    """
     files: list[Path] = []
+    skipped: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            for f in sorted(p.iterdir()):
+                if f.is_file():
+                    (files if f.suffix.lower() in IMAGE_SUFFIXES else skipped).append(f)
         elif p.is_file():
             files.append(p)
         else:
             raise FileNotFoundError(f"input {str(p)!r} is neither an image file nor a folder")
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {list(map(str, inputs))}")
-    return files
+    return files, skipped
+
+
+def mask_to_rle(mask: Tensor) -> dict[str, Any]:
+    """Binary mask Tensor[H, W] → COCO RLE ``{"size": [H, W], "counts": str}`` (as COCO results hold)."""
+    from pycocotools import mask as mask_util
+
+    rle = mask_util.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _result_entry(path: Path, output: dict[str, Tensor], class_names: Sequence[str], score_thresh: float) -> dict:
+    if "sem_seg" in output:
+        sem = output["sem_seg"]
+        ids, counts = torch.unique(sem, return_counts=True)
+        fractions = {(class_names[k] if k < len(class_names) else str(k)): round(int(n) / sem.numel(), 5)
+                     for k, n in zip(ids.tolist(), counts.tolist()) if k != 255}
+        return {"file": str(path), "size": list(sem.shape), "class_fractions": fractions}
+    keep = output["scores"] >= score_thresh
+    dets = []
+    for j in torch.nonzero(keep).flatten().tolist():
+        det = {"box": [round(float(v), 2) for v in output["boxes"][j]], "label": int(output["labels"][j]),
+               "class": _label_name(int(output["labels"][j]), class_names),
+               "score": round(float(output["scores"][j]), 4)}
+        if "masks" in output:
+            det["segmentation"] = mask_to_rle(output["masks"][j, 0] >= 0.5)
+        dets.append(det)
+    return {"file": str(path), "detections": dets}
 
 
 @torch.no_grad()
 def predict_files(model: nn.Module, files: Sequence[Path], out_dir: str | os.PathLike, *, device: torch.device,
-                  class_names: Sequence[str] = (), score_thresh: float = 0.5) -> list[dict[str, Any]]:
-    """Run ``model`` on image files; write ``<stem>.png`` with drawn detections and ``detections.json``.
+                  class_names: Sequence[str] = (), score_thresh: float = 0.5) -> tuple[list[dict[str, Any]], list[str]]:
+    """Run ``model`` on image files; write ``<stem>.png`` with the drawn predictions and ``detections.json``.
+
+    Args:
+        class_names: detectors: foreground names (label k is ``class_names[k - 1]``); semantic models:
+            one name per class id.
 
     Returns:
-        One dict per image: ``file``, and ``detections`` (``box`` xyxy, ``label``, ``class``, ``score``)
-        for detections scoring at least ``score_thresh``.
+        (one dict per image: ``file`` and ``detections`` — ``box`` xyxy, ``label``, ``class``, ``score`` and
+        for masks ``segmentation`` as COCO RLE — of those scoring at least ``score_thresh``; for semantic
+        models ``class_fractions`` instead, the share of pixels per class; the files that could not be
+        decoded, each as ``"path: reason"``, skipped).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    results = []
+    results, failed = [], []
     for f in files:
-        image = read_rgb(f)
-        output = model([(image.float() / 255).to(device)])[0]
+        try:
+            array = read_image(os.fspath(f))
+        except ImageReadError as err:
+            failed.append(str(err))
+            logger.warning("skipped: %s", err)
+            continue
+        image = torch.from_numpy(array).permute(2, 0, 1)  # HWC -> CHW uint8
+        output = model([image_to_tensor(array).to(device)])[0]
         output = {k: v.cpu() for k, v in output.items()}
         write_rgb(draw_predictions(image, output, class_names=class_names, score_thresh=score_thresh),
                   out_dir / f"{f.stem}.png")
-        keep = output["scores"] >= score_thresh
-        dets = [
-            {"box": [round(float(v), 2) for v in b], "label": int(lab), "class": _label_name(int(lab), class_names),
-             "score": round(float(s), 4)}
-            for b, lab, s in zip(output["boxes"][keep], output["labels"][keep], output["scores"][keep])
-        ]
-        results.append({"file": str(f), "detections": dets})
+        results.append(_result_entry(f, output, class_names, score_thresh))
     with open(out_dir / "detections.json", "w") as fh:
         json.dump(results, fh, indent=1)
-    return results
+    return results, failed
