@@ -91,6 +91,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.num_threads)
         self.output_dir = Path(cfg.train.output_dir)
         self.logger = setup_logger(self.output_dir, rank=self.rank)
+        if isinstance(resume, (str, Path)) and not Path(resume).is_file():
+            raise CheckpointError(f"--resume-from: checkpoint {str(resume)!r} does not exist")
         s = cfg.solver
         if s.max_iter < 1:
             raise ValueError(f"solver.max_iter must be >= 1, got {s.max_iter}")
