@@ -13,3 +13,18 @@ if "OMP_NUM_THREADS" not in os.environ:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _reset_resdet_logger():
+    """A Trainer's ``setup_logger`` detaches the ``resdet`` logger from the root (no double printing in a
+    real run) and points it at that test's output folder; undo it so later tests' ``caplog`` sees records."""
+    yield
+    import logging
+
+    logger = logging.getLogger("resdet")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

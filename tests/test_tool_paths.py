@@ -58,7 +58,8 @@ def test_schedule_fractions_and_late_steps():
 
 
 def test_short_run_with_long_schedule_is_one_line(tmp_path, capsys):
-    rc = _tool("train")(_tiny(tmp_path / "shapes") + ["solver.max_iter=60", f"train.output_dir={tmp_path / 'o'}"])
+    rc = _tool("train")(_tiny(tmp_path / "shapes") + ["solver.max_iter=60", "solver.steps=[600,750]", "solver.warmup_iters=100",
+                                                  f"train.output_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
     assert rc == 1 and "solver.max_iter=60" in err and "fractions" in err and len(err.strip().splitlines()) == 1
 
