@@ -113,7 +113,8 @@ def test_malformed_coco_json_is_one_line(tmp_path, capsys):
     (["model.num_classes=3"], "num_classes=3"),
 ])
 def test_wrong_architecture_names_file_and_difference(trained, shapes_root, tmp_path, change, words):
-    from resdet.config import build_model, config_to_dict
+    from resdet.config import config_to_dict
+    from resdet.models import build_model
 
     cfg = tiny_cfg(shapes_root, tmp_path, *change)
     state = CheckpointManager.load(trained / "model_final.pth")
