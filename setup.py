@@ -41,5 +41,10 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.60",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        # Deployment (resdet.export, tools/export.py): ONNX files checked with onnxruntime.
+        "export": ["onnx>=1.15", "onnxruntime>=1.17"],
+        # The test extra includes the export extra so CI runs tests/test_export.py.
+        "test": ["pytest>=7", "onnx>=1.15", "onnxruntime>=1.17"],
+    },
 )

@@ -1,0 +1,178 @@
+"""Run exported models (onnxruntime, TorchScript) like the PyTorch model, and time them against it.
+
+:class:`OnnxPredictor` and :class:`TorchScriptPredictor` answer ``predictor([image])`` with
+``[{"boxes", "labels", "scores"(, "masks")}]`` or ``[{"sem_seg"}]``, as a resdet model in eval mode
+does, so drawing and inference code takes either (``tools/infer.py --onnx``).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["OnnxPredictor", "TorchScriptPredictor", "LatencyRow", "bench_onnxruntime", "format_latency_rows"]
+
+
+class _Predictor:
+    """Shared model-like interface: ``eval()``, ``predictor(list of images) -> list of dicts``."""
+
+    output_names: list[str]
+
+    def predict(self, image: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def eval(self) -> _Predictor:
+        return self
+
+    def __call__(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        if isinstance(images, Tensor):
+            raise ValueError("pass a list of images Tensor[3, H, W], as to the PyTorch model")
+        return [self.predict(image) for image in images]
+
+    @staticmethod
+    def _check(image: Tensor) -> None:
+        if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            raise ValueError(f"expected a float image Tensor[3, H, W] in [0, 1], got {image.dtype} {tuple(image.shape)}")
+
+
+class OnnxPredictor(_Predictor):
+    """An exported ``.onnx`` model in an onnxruntime session.
+
+    Args:
+        path: the ``.onnx`` file written by :func:`resdet.export.to_onnx`.
+        providers: onnxruntime execution providers (default: CPU).
+        threads: intra-op threads (default: onnxruntime's).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.path = os.fspath(path)
+        self.session = ort.InferenceSession(self.path, options, providers=list(providers))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def run(self, image: np.ndarray) -> list[np.ndarray]:
+        """Raw session run on a float32 array [3, H, W]; outputs in ``output_names`` order."""
+        return self.session.run(None, {"image": image})
+
+    def predict(self, image: Tensor) -> dict[str, Tensor]:
+        """Outputs for one image Tensor[3, H, W] in [0, 1], as torch tensors by name."""
+        self._check(image)
+        outputs = self.run(image.detach().cpu().float().contiguous().numpy())
+        return {name: torch.from_numpy(value) for name, value in zip(self.output_names, outputs)}
+
+
+class TorchScriptPredictor(_Predictor):
+    """A TorchScript file written by :func:`resdet.export.to_torchscript`, loaded with ``torch.jit.load``."""
+
+    def __init__(self, path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> None:
+
+        extra = {"output_names": ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+            self.module = torch.jit.load(os.fspath(path), map_location=map_location, _extra_files=extra)
+        names = extra["output_names"]
+        self.output_names = (names.decode() if isinstance(names, bytes) else str(names)).split(",")
+
+    def predict(self, image: Tensor) -> dict[str, Tensor]:
+        self._check(image)
+        with torch.no_grad():
+            outputs = self.module(image)
+        return dict(zip(self.output_names, outputs))
+
+
+@dataclass
+class LatencyRow:
+    """Median latency of one runner on one image (ms) and its ratio to resdet in PyTorch."""
+
+    runner: str
+    ms: float
+    ratio: float
+    detections: int
+
+
+def _interleaved(fns: list[Callable[[], object]], iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(iters):  # alternate so background load hits every runner alike
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def bench_onnxruntime(
+    arch: str = "mask",
+    depth: str = "resnet34",
+    *,
+    size: tuple[int, int] = (800, 1066),
+    iters: int = 5,
+    warmup: int = 1,
+    threads: int | None = None,
+    torchvision: bool = True,
+    settings: dict | None = None,
+) -> list[LatencyRow]:
+    """Latency of the ONNX export in onnxruntime against resdet in PyTorch (and torchvision), one process.
+
+    All runners get the same weights (:func:`resdet.benchmark.build_pair`: torchvision's random init,
+    box score threshold 0 so there are 100 detections and the mask branch works as on a trained model)
+    and the same image; the model's ``min_size`` is the image's short side. resdet in PyTorch runs
+    ``optimize_for_inference()``; the ONNX file is exported with BatchNorm folded.
+
+    Returns:
+        Rows ``resdet pytorch``, ``resdet onnxruntime`` (+ ``torchvision pytorch``), ratios to the first.
+    """
+    from resdet.benchmark import build_pair
+
+    from .exporters import example_image, to_onnx
+
+    h, w = size
+    settings = dict(settings or {})
+    settings.setdefault("min_size", min(h, w))
+    settings.setdefault("max_size", max(1333, max(h, w)))
+    rd, tv = build_pair(arch, depth, **settings)
+    image = example_image(h, w)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        to_onnx(rd, path, optimize=True, example=image, check=False)
+        session = OnnxPredictor(path, threads=threads)
+    rd = rd.optimize_for_inference()
+    array = image.numpy()
+
+    def torch_run(model: torch.nn.Module) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode():
+                return model([image])
+        return run
+
+    names = ["resdet pytorch", "resdet onnxruntime"] + (["torchvision pytorch"] if torchvision else [])
+    fns = [torch_run(rd), lambda: session.run(array)] + ([torch_run(tv.eval())] if torchvision else [])
+    counts = [len(torch_run(rd)()[0]["boxes"]), len(session.run(array)[0])]
+    if torchvision:
+        counts.append(len(torch_run(tv)()[0]["boxes"]))
+    times = _interleaved(fns, iters, warmup)
+    return [LatencyRow(n, t * 1e3, t / times[0], c) for n, t, c in zip(names, times, counts)]
+
+
+def format_latency_rows(rows: list[LatencyRow], title: str = "") -> str:
+    """Fixed-width table of :func:`bench_onnxruntime` rows."""
+    lines = [title] if title else []
+    lines.append(f"{'runner':<22} {'ms':>9} {'ratio':>7} {'detections':>11}")
+    lines += [f"{r.runner:<22} {r.ms:>9.1f} {r.ratio:>7.3f} {r.detections:>11}" for r in rows]
+    return "\n".join(lines)
