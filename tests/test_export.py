@@ -206,3 +206,27 @@ def test_tools_export_cli_from_resdet_checkpoint(tmp_path, capsys):
     assert torch.equal(TorchScriptPredictor(out)([image])[0]["sem_seg"], expected)
     assert tool.main(["--checkpoint", str(tmp_path / "missing.pth"), "--out", str(out)]) == 2
     assert sys.modules.get("export_tool") is None
+
+
+def test_infer_images_onnx_draws_like_the_checkpoint_path(mask_model, mask_onnx, tmp_path):
+    from resdet.engine.visualize import write_rgb
+    from resdet.export.runtime import infer_images_onnx
+
+    image = (example_image(*SIZES[0]) * 255).round().to(torch.uint8)
+    write_rgb(image, tmp_path / "a.png")
+    out = infer_images_onnx(mask_onnx, [tmp_path / "a.png"], tmp_path / "out", score_thresh=0.3)
+    with torch.no_grad():
+        expected = mask_model([image.float() / 255])[0]
+    assert len(out["results"][0]["detections"]) == int((expected["scores"] >= 0.3).sum()) > 0
+    assert out["skipped"] == [] and out["failed"] == []
+    assert (tmp_path / "out" / "a.png").is_file() and (tmp_path / "out" / "detections.json").is_file()
+
+
+def test_bench_onnxruntime_smoke():
+    from resdet.export import bench_onnxruntime, format_latency_rows
+
+    rows = bench_onnxruntime("faster", "resnet18", size=(64, 80), iters=1, warmup=0, torchvision=False,
+                             settings=dict(rpn_post_nms_top_n_test=30))
+    assert [r.runner for r in rows] == ["resdet pytorch", "resdet onnxruntime"]
+    assert rows[0].ratio == 1.0 and rows[1].detections == rows[0].detections > 0
+    assert "onnxruntime" in format_latency_rows(rows)

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also time the ONNX export in onnxruntime against resdet and torchvision in PyTorch")
     return p.parse_args(argv)
 
 
@@ -76,6 +78,16 @@ def main(argv: list[str] | None = None) -> None:
             rows += new
     print("\nall (ratio = resdet / torchvision; < 1 means resdet is faster / smaller)")
     print(format_rows(rows))
+    if args.onnx:
+        from resdet.export import bench_onnxruntime, format_latency_rows
+
+        for arch in args.arch:
+            for depth in args.depth:
+                for h, w in args.sizes:
+                    rows = bench_onnxruntime(arch, depth, size=(h, w), iters=args.iters, warmup=args.warmup,
+                                             threads=args.threads)
+                    title = f"\n{arch}_rcnn_{depth}_fpn {h}x{w} (ratio = runner / resdet pytorch)"
+                    print(format_latency_rows(rows, title))
 
 
 if __name__ == "__main__":

@@ -19,13 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="YAML config (default: the config stored in a resdet checkpoint)")
-    parser.add_argument("--checkpoint", required=True, help="model weights")
+    parser.add_argument("--checkpoint", default=None, help="model weights (required unless --onnx)")
+    parser.add_argument("--onnx", default=None, help="run this exported model (tools/export.py) with onnxruntime")
     parser.add_argument("--input", nargs="+", required=True, help="image files and/or folders")
     parser.add_argument("--output", default="outputs/infer", help="folder for drawn images and detections.json")
     parser.add_argument("--score-thresh", type=float, default=None, help="default: eval.vis_score_thresh")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)
+    if args.onnx is None and args.checkpoint is None:
+        parser.error("--checkpoint is required (or --onnx FILE)")
     from resdet.engine.cli import run_guarded
 
     return run_guarded(lambda: _infer(args), debug=args.debug)
@@ -34,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 def _infer(args: argparse.Namespace) -> int:
     from resdet.engine.inference import config_for_checkpoint, infer_images
 
-    cfg = config_for_checkpoint(args.checkpoint, args.config, args.overrides)
-    out = infer_images(cfg, args.checkpoint, args.input, args.output, score_thresh=args.score_thresh)
+    if args.onnx:
+        from resdet.export.runtime import infer_images_onnx
+
+        out = infer_images_onnx(args.onnx, args.input, args.output, score_thresh=args.score_thresh)
+    else:
+        cfg = config_for_checkpoint(args.checkpoint, args.config, args.overrides)
+        out = infer_images(cfg, args.checkpoint, args.input, args.output, score_thresh=args.score_thresh)
     results, skipped, failed = out["results"], out["skipped"], out["failed"]
     if "detections" in (results[0] if results else {"detections": []}):
         found = f"{sum(len(r['detections']) for r in results)} detections"

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["OnnxPredictor", "TorchScriptPredictor", "LatencyRow", "bench_onnxruntime", "format_latency_rows"]
+__all__ = ["OnnxPredictor", "TorchScriptPredictor", "LatencyRow", "bench_onnxruntime", "format_latency_rows",
+           "infer_images_onnx"]
 
 
 class _Predictor:
@@ -92,6 +93,29 @@ class TorchScriptPredictor(_Predictor):
         with torch.no_grad():
             outputs = self.module(image)
         return dict(zip(self.output_names, outputs))
+
+
+def infer_images_onnx(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], output_dir: str | os.PathLike,
+                      *, score_thresh: float | None = None) -> dict:
+    """``tools/infer.py --onnx``: an exported model's predictions drawn on image files/folders into
+    ``output_dir`` with ``detections.json``, as :func:`resdet.engine.inference.infer_images` does for a
+    checkpoint (class names from the file's ``class_names`` metadata; ``score_thresh`` default 0.5).
+
+    Returns:
+        ``results``, ``skipped`` (not images by suffix) and ``failed`` (undecodable), as ``infer_images``.
+    """
+    import json
+    from pathlib import Path
+
+    from resdet.engine.visualize import list_images, predict_files
+
+    predictor = OnnxPredictor(path)
+    class_names = json.loads(predictor.metadata.get("class_names", "[]"))
+    files, skipped = list_images(inputs)
+    thresh = 0.5 if score_thresh is None else score_thresh
+    results, failed = predict_files(predictor, files, Path(output_dir), device=torch.device("cpu"),
+                                    class_names=class_names, score_thresh=thresh)
+    return {"results": results, "skipped": [str(p) for p in skipped], "failed": failed}
 
 
 @dataclass
