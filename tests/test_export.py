@@ -128,7 +128,8 @@ def test_mask_rcnn_torchscript_equals_eager(mask_model, tmp_path):
 @pytest.mark.parametrize("min_size", [None, 96], ids=["input_scale", "resized"])
 def test_semantic_fpn_onnx_and_torchscript(min_size, tmp_path):
     torch.manual_seed(0)
-    model = semantic_fpn("resnet18", num_classes=4, min_size=min_size, max_size=None if min_size is None else 160).eval()
+    max_size = None if min_size is None else 160
+    model = semantic_fpn("resnet18", num_classes=4, min_size=min_size, max_size=max_size).eval()
     example = example_image(*TRACE_IMAGE)
     if min_size is None:  # TorchScript for the input-scale model, ONNX for the resized one
         to_torchscript(model, tmp_path / "m.pt", example=example, check=False)

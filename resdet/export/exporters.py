@@ -201,7 +201,8 @@ def to_torchscript(
     from .runtime import TorchScriptPredictor
 
     image = example_image(480, 640, seed=1) if check_image is None else check_image
-    report = check_outputs(model, TorchScriptPredictor(path), image, label=f"TorchScript vs PyTorch ({os.fspath(path)})")
+    label = f"TorchScript vs PyTorch ({os.fspath(path)})"
+    report = check_outputs(model, TorchScriptPredictor(path), image, label=label)
     if verbose:
         print(report)
     return report

@@ -41,7 +41,9 @@ class _Predictor:
     @staticmethod
     def _check(image: Tensor) -> None:
         if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
-            raise ValueError(f"expected a float image Tensor[3, H, W] in [0, 1], got {image.dtype} {tuple(image.shape)}")
+            raise ValueError(
+                f"expected a float image Tensor[3, H, W] in [0, 1], got {image.dtype} {tuple(image.shape)}"
+            )
 
 
 class OnnxPredictor(_Predictor):

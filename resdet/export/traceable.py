@@ -194,7 +194,8 @@ class TraceableDetector(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Box head on the proposals, then the eval post-processing of ``RoIHeads`` (resized frame)."""
         heads = self.model.roi_heads
-        class_logits, box_regression = heads.box_predictor(heads.box_head(self.pool(heads.box_roi_pool, features, proposals)))
+        pooled = self.pool(heads.box_roi_pool, features, proposals)  # [P, C, S, S]
+        class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
         num_classes = class_logits.shape[-1]
         scores = F.softmax(class_logits, -1)
         deltas = box_regression.reshape(-1, num_classes, 4)  # [P, K * 4] -> [P, K, 4]
