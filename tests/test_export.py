@@ -189,7 +189,7 @@ def test_tools_export_cli_from_resdet_checkpoint(tmp_path, capsys):
 
     cfg = load_config(str(Path(__file__).parents[1] / "configs/shapes/semantic_fpn_r34.yaml"),
                       ["model.backbone=resnet18"])
-    from resdet.config import build_model
+    from resdet.models import build_model
 
     model = build_model(cfg).eval()
     ckpt = tmp_path / "model.pth"
