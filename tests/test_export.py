@@ -206,7 +206,8 @@ def test_tools_export_cli_from_resdet_checkpoint(tmp_path, capsys):
     with torch.no_grad():
         expected = model([image])[0]["sem_seg"]
     assert torch.equal(TorchScriptPredictor(out)([image])[0]["sem_seg"], expected)
-    assert tool.main(["--checkpoint", str(tmp_path / "missing.pth"), "--out", str(out)]) == 2
+    assert tool.main(["--checkpoint", str(tmp_path / "missing.pth"), "--out", str(out)]) == 1
+    assert "missing.pth" in capsys.readouterr().err
     assert sys.modules.get("export_tool") is None
 
 

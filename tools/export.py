@@ -38,18 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimize", action="store_true", help="optimize_for_inference() before export")
     parser.add_argument("--image", default=None, help="image file for the check (default: a synthetic image)")
     parser.add_argument("--no-check", action="store_true", help="skip running and comparing the exported file")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)
+    from resdet.engine.cli import run_guarded
 
-    from resdet.config import ConfigError
+    return run_guarded(lambda: _export(args), debug=args.debug)
+
+
+def _export(args: argparse.Namespace) -> int:
     from resdet.export import DEFAULT_OPSET, ExportError, to_onnx, to_torchscript
     from resdet.export.loading import model_from_checkpoint
 
-    try:
-        model, meta = model_from_checkpoint(args.checkpoint, args.config, args.overrides)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model, meta = model_from_checkpoint(args.checkpoint, args.config, args.overrides)
     image = None
     if args.image:
         from resdet.engine.visualize import read_rgb
