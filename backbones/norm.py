@@ -4,7 +4,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NORMS", "FrozenBatchNorm2d", "get_norm", "is_norm"]
+__all__ = ["NORMS", "FrozenBatchNorm2d", "conv_norm", "get_norm", "is_norm"]
 
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
 
@@ -40,10 +40,14 @@ class FrozenBatchNorm2d(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        # Per-channel affine map; reshape to [1, C, 1, 1] to broadcast over N, H, W.
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """The per-channel affine map ``y = x * scale + shift`` this layer computes, two Tensor[C]."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.scale_shift()
+        # Per-channel affine map; reshape to [1, C, 1, 1] to broadcast over N, H, W.
         return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -66,6 +70,25 @@ class FrozenBatchNorm2d(nn.Module):
             if new_child is not child:
                 setattr(module, name, new_child)
         return module
+
+
+def conv_norm(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))``, with a frozen BatchNorm folded into the convolution on CPU.
+
+    A :class:`FrozenBatchNorm2d` after an ``nn.Conv2d`` is an affine map per output channel, so
+    ``conv(x; W, b) * s + t == conv(x; W * s, b * s + t)``: the convolution runs once with scaled weights
+    (a pass over the weights, not over the much larger activations), in training as in eval. Gradients
+    reach ``conv.weight`` through the scaling, so trainable convolutions train as before; parameters and
+    state dict stay those of the separate modules (torchvision's names). CUDA keeps the separate ops
+    (unmeasured there).
+    """
+    if type(norm) is FrozenBatchNorm2d and type(conv) is nn.Conv2d and x.device.type == "cpu":
+        scale, shift = norm.scale_shift()
+        # [O] -> [O, 1, 1, 1] scales every output filter.
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        return conv._conv_forward(x, weight, bias.to(conv.weight.dtype))
+    return norm(conv(x))
 
 
 def get_norm(norm: str, channels: int, *, gn_groups: int = 32) -> nn.Module:

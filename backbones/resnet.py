@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .norm import NORMS, get_norm, is_norm
+from .norm import NORMS, conv_norm, get_norm, is_norm
 from .shape_spec import ShapeSpec
 
 __all__ = [
@@ -72,6 +72,15 @@ class _ResidualBlock(nn.Module):
     """Shared forward of the residual blocks: ``_inner`` optionally under gradient checkpointing."""
 
     with_cp: bool
+    downsample: Optional[nn.Module]
+
+    def _shortcut(self, x: Tensor) -> Tensor:
+        ds = self.downsample
+        if ds is None:
+            return x
+        if not torch.jit.is_scripting() and isinstance(ds, nn.Sequential) and len(ds) == 2:
+            return conv_norm(ds[0], ds[1], x)  # (conv 1x1, norm): folds a frozen norm
+        return ds(x)
 
     def _inner(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -116,10 +125,14 @@ class BasicBlock(_ResidualBlock):
         self.with_cp = with_cp
 
     def _inner(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        identity = self._shortcut(x)
+        if torch.jit.is_scripting():  # TorchScript cannot pass modules to conv_norm
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        else:
+            out = self.relu(conv_norm(self.conv1, self.bn1, x))
+            out = conv_norm(self.conv2, self.bn2, out)
+        out += identity  # in place: no backward of the conv / norm before it reads its output
+        return self.relu(out)
 
     def last_norm(self) -> nn.Module:
         return self.bn2
@@ -157,11 +170,16 @@ class Bottleneck(_ResidualBlock):
         self.with_cp = with_cp
 
     def _inner(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        identity = self._shortcut(x)
+        if torch.jit.is_scripting():  # TorchScript cannot pass modules to conv_norm
+            out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+            out = self.bn3(self.conv3(out))
+        else:
+            out = self.relu(conv_norm(self.conv1, self.bn1, x))
+            out = self.relu(conv_norm(self.conv2, self.bn2, out))
+            out = conv_norm(self.conv3, self.bn3, out)
+        out += identity  # in place: no backward of the conv / norm before it reads its output
+        return self.relu(out)
 
     def last_norm(self) -> nn.Module:
         return self.bn3
@@ -328,7 +346,9 @@ class ResNet(nn.Module):
     # ---------------------------------------------------------------------------------------- forward
     def forward_stem(self, x: Tensor) -> Tensor:
         """conv1 → norm → ReLU → 3×3 max pool (stride 4 overall)."""
-        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if torch.jit.is_scripting():  # TorchScript cannot pass modules to conv_norm
+            return self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        return self.maxpool(self.act1(conv_norm(self.conv1, self.bn1, x)))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Run the trunk.
