@@ -1,4 +1,4 @@
-"""Mask R-CNN mask branch: conv head, deconv predictor, loss, inference, and pasting into the image.
+"""Mask R-CNN mask branch: conv head, deconv predictor, loss and inference (pasting: ``mask_paste``).
 
 Shape shorthand:
     R  RoIs (positive proposals in training, detections at test time)
@@ -8,7 +8,7 @@ Shape shorthand:
     H, W  image size the masks are pasted into
 
 Numerics are torchvision's (``MaskRCNNHeads``, ``MaskRCNNPredictor``, ``maskrcnn_loss``,
-``paste_masks_in_image``); :func:`paste_masks` is batched instead of one interpolate call per box.
+``paste_masks_in_image``).
 """
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-__all__ = ["MaskHead", "MaskPredictor", "mask_loss", "mask_probs", "paste_masks", "make_norm", "conv3x3_norm_relu",
+__all__ = ["MaskHead", "MaskPredictor", "mask_loss", "mask_probs", "make_norm", "conv3x3_norm_relu",
            "init_convs_msra"]
 
 
@@ -172,108 +172,3 @@ def mask_probs(mask_logits: Tensor, labels: list[Tensor]) -> list[Tensor]:
     index = torch.arange(mask_logits.shape[0], device=all_labels.device)
     probs = mask_logits[index, all_labels][:, None].sigmoid()  # [R, 1, M, M]
     return list(probs.split([len(lab) for lab in labels], dim=0))
-
-
-def _expand_boxes(boxes: Tensor, scale: float) -> Tensor:
-    """Boxes scaled by ``scale`` about their centres."""
-    w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
-    h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
-    x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
-    y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
-    return torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], dim=1)
-
-
-def _window_weights(out_size: Tensor, in_size: int, length: int, start: Tensor, lo: Tensor, hi: Tensor, dtype):
-    """Bilinear (align_corners=False) source indices and weights as ``F.interpolate`` computes them.
-
-    For every box b, a resize of ``in_size`` samples to ``out_size[b]`` samples is evaluated at the output
-    positions ``start[b] + j`` for j in [0, length); weights are zero outside ``[lo[b], hi[b])``.
-    Returns ``(i0, i1, l0, l1)``, each Tensor[B, length].
-    """
-    j = torch.arange(length, device=out_size.device)[None, :] + start[:, None]  # [B, length] int64
-    ratio = torch.tensor(float(in_size), dtype=torch.float32, device=out_size.device) / out_size.to(torch.float32)
-    src = (ratio[:, None] * (j.to(torch.float32) + 0.5) - 0.5).clamp(min=0)
-    i0 = src.floor().to(torch.int64).clamp(min=0, max=in_size - 1)
-    l1 = (src - i0.to(torch.float32)).clamp(0, 1)
-    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
-    same = (out_size == in_size)[:, None]  # interpolate copies when the size does not change
-    i0 = torch.where(same, j.clamp(0, in_size - 1), i0)
-    i1 = torch.where(same, i0, i1)
-    l1 = torch.where(same, torch.zeros_like(l1), l1)
-    inside = ((j >= lo[:, None]) & (j < hi[:, None])).to(torch.float32)
-    return i0, i1, ((1.0 - l1) * inside).to(dtype), (l1 * inside).to(dtype)
-
-
-def paste_masks(
-    masks: Tensor, boxes: Tensor, image_shape: tuple[int, int], padding: int = 1, *, chunk_size: int = 16
-) -> Tensor:
-    """Paste RoI masks into full images, numerically as torchvision's ``paste_masks_in_image``.
-
-    Each mask is padded by ``padding`` zeros, its box enlarged to match, the box rounded toward zero to
-    integer pixels, the mask bilinearly resized to the box and written into a zero image. Boxes are
-    processed ``chunk_size`` at a time (sorted by size), each chunk on a crop as large as its largest
-    in-image box part; there is no per-box Python loop.
-
-    Args:
-        masks: Tensor[R, 1, M, M] probabilities.
-        boxes: Tensor[R, 4] in the pixels of the target image.
-        image_shape: ``(H, W)``.
-        padding: zero border added to the masks before resizing.
-        chunk_size: boxes resized together (bounds the temporary memory).
-
-    Returns:
-        Tensor[R, 1, H, W] in the dtype of ``masks``.
-    """
-    im_h, im_w = int(image_shape[0]), int(image_shape[1])
-    num = masks.shape[0]
-    if num == 0:
-        return masks.new_zeros((0, 1, im_h, im_w))
-    if masks.dim() != 4 or masks.shape[1] != 1 or boxes.shape != (num, 4):
-        raise ValueError(
-            f"paste_masks expects masks [R, 1, M, M] and boxes [R, 4], got {tuple(masks.shape)} and "
-            f"{tuple(boxes.shape)}"
-        )
-    size = masks.shape[-1]
-    padded = F.pad(masks[:, 0], (padding,) * 4)  # [R, Mp, Mp]
-    mp = size + 2 * padding
-    boxes = _expand_boxes(boxes, float(mp) / size).to(torch.int64)
-    bx0, by0, bx1, by1 = boxes.unbind(1)
-    w = (bx1 - bx0 + 1).clamp(min=1)
-    h = (by1 - by0 + 1).clamp(min=1)
-    # In-image part of each box: [x0, x1) x [y0, y1).
-    x0, x1 = bx0.clamp(min=0), torch.minimum(bx1 + 1, torch.full_like(bx1, im_w))
-    y0, y1 = by0.clamp(min=0), torch.minimum(by1 + 1, torch.full_like(by1, im_h))
-    out = masks.new_zeros((num, im_h, im_w))
-    # Boxes of similar size share a crop: sort by in-image area, paint chunks of boxes at a time.
-    area = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
-    for idx in torch.argsort(area).split(chunk_size):
-        _paste_chunk(out, padded[idx], idx, (bx0[idx], by0[idx], w[idx], h[idx]), (x0[idx], y0[idx], x1[idx], y1[idx]))
-    return out[:, None]
-
-
-def _paste_chunk(out: Tensor, padded: Tensor, idx: Tensor, box: tuple, part: tuple) -> None:
-    """Paint the boxes ``idx`` into ``out`` [R, H, W]; ``box`` = (x, y, w, h) integer boxes, ``part`` = their
-    in-image part (x0, y0, x1, y1); ``padded`` [B, Mp, Mp] their padded masks."""
-    im_h, im_w = out.shape[-2:]
-    bx0, by0, w, h = box
-    x0, y0, x1, y1 = part
-    num, mp = padded.shape[0], padded.shape[-1]
-    crop_w = int((x1 - x0).clamp(min=0).max())
-    crop_h = int((y1 - y0).clamp(min=0).max())
-    if crop_w == 0 or crop_h == 0:
-        return
-    # Every box is painted through a crop_h x crop_w window of its own image, moved inside the image
-    # where it would overflow; window pixels outside the box get zero weights, so windows write exact zeros
-    # there and the writes of one box never collide.
-    wx0 = torch.minimum(x0, torch.full_like(x0, im_w - crop_w))
-    wy0 = torch.minimum(y0, torch.full_like(y0, im_h - crop_h))
-    ix0, ix1, lx0, lx1 = _window_weights(w, mp, crop_w, wx0 - bx0, x0 - bx0, x1 - bx0, out.dtype)
-    iy0, iy1, ly0, ly1 = _window_weights(h, mp, crop_h, wy0 - by0, y0 - by0, y1 - by0, out.dtype)
-    # Resize along x first, then y, as F.interpolate's bilinear kernel groups its products.
-    cols = lx0[:, None, :] * torch.gather(padded, 2, ix0[:, None, :].expand(num, mp, crop_w))
-    cols += lx1[:, None, :] * torch.gather(padded, 2, ix1[:, None, :].expand(num, mp, crop_w))  # [B, Mp, cw]
-    crop = ly0[:, :, None] * torch.gather(cols, 1, iy0[:, :, None].expand(num, crop_h, crop_w))
-    crop += ly1[:, :, None] * torch.gather(cols, 1, iy1[:, :, None].expand(num, crop_h, crop_w))  # [B, ch, cw]
-    rows = wy0[:, None] + torch.arange(crop_h, device=out.device)  # [B, crop_h]
-    columns = wx0[:, None] + torch.arange(crop_w, device=out.device)  # [B, crop_w]
-    out.index_put_((idx[:, None, None], rows[:, :, None], columns[:, None, :]), crop)

@@ -1,4 +1,4 @@
-"""Mask branch pieces: paste_masks parity with torchvision, mask loss targets, predictor names."""
+"""Mask branch pieces: paste_masks equal to torchvision's bit for bit, mask loss targets, predictor names."""
 import pytest
 import torch
 from torchvision.models.detection import roi_heads as tv_roi
@@ -23,7 +23,7 @@ def test_paste_masks_equals_torchvision(size, shape):
     ours = paste_masks(masks, boxes, shape)
     theirs = tv_roi.paste_masks_in_image(masks, boxes, shape, padding=1)
     assert ours.shape == theirs.shape == (25, 1, *shape) and ours.is_contiguous()
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_paste_masks_empty_and_padding():
@@ -31,7 +31,7 @@ def test_paste_masks_empty_and_padding():
     masks, boxes = torch.rand(4, 1, 28, 28), boxes_in(4, 50, 60)
     torch.testing.assert_close(
         paste_masks(masks, boxes, (50, 60), padding=0), tv_roi.paste_masks_in_image(masks, boxes, (50, 60), padding=0),
-        rtol=0, atol=1e-5,
+        rtol=0, atol=0,
     )
     with pytest.raises(ValueError, match="paste_masks expects"):
         paste_masks(torch.rand(4, 28, 28), boxes, (50, 60))
