@@ -21,8 +21,11 @@ tensors as one matrix product (used by ``GeneralizedRCNN.optimize_for_inference`
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 __all__ = ["PointwiseConv2d", "fuse_bn", "fold_bn_into_conv", "is_foldable_bn", "pointwise_convs_as_matmul"]
 
@@ -36,38 +39,25 @@ def is_foldable_bn(module: nn.Module) -> bool:
     return False
 
 
-def _affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    var = bn.running_var.double()
-    scale = torch.ones_like(var) if bn.weight is None else bn.weight.double()
-    shift = torch.zeros_like(var) if bn.bias is None else bn.bias.double()
-    scale = scale * (var + bn.eps).rsqrt()
-    return scale, shift - bn.running_mean.double() * scale
-
-
 @torch.no_grad()
 def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
-    """Returns a new ``nn.Conv2d`` equal to ``bn(conv(x))`` (computed in float64, stored in conv's dtype)."""
-    scale, shift = _affine(bn)
-    fused = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=True,
-        padding_mode=conv.padding_mode,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
+    """Returns a copy of ``conv`` equal to ``bn(conv(x))``, with a bias.
+
+    The arithmetic is ``torch.nn.utils.fusion.fuse_conv_bn_weights``; resdet feeds it float64 copies and
+    stores the result in the convolution's dtype (one rounding instead of several: exactness), and it
+    also takes frozen BatchNorms, which ``fuse_conv_bn_eval`` (``nn.BatchNorm`` modules only) does not.
+    """
+
+    def f64(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().double()
+
+    weight, bias = fuse_conv_bn_weights(
+        f64(conv.weight), f64(conv.bias), f64(bn.running_mean), f64(bn.running_var), bn.eps, f64(bn.weight), f64(bn.bias)
     )
-    # [O] -> [O, 1, 1, 1] to scale each output filter.
-    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
-    bias = shift if conv.bias is None else conv.bias.double() * scale + shift
-    fused.weight.copy_(weight)
-    fused.bias.copy_(bias)
-    fused.weight.requires_grad_(conv.weight.requires_grad)
-    fused.bias.requires_grad_(conv.weight.requires_grad)
+    fused = copy.deepcopy(conv)
+    trainable = conv.weight.requires_grad
+    fused.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=trainable)
+    fused.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=trainable)
     return fused
 
 

@@ -11,49 +11,16 @@ Numerics are torchvision's (``MaskRCNNHeads``, ``MaskRCNNPredictor``, ``maskrcnn
 ``paste_masks_in_image``).
 """
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-__all__ = ["MaskHead", "MaskPredictor", "mask_loss", "mask_probs", "make_norm", "conv3x3_norm_relu",
-           "init_convs_msra"]
+from .layers import NormSpec, conv_norm_act, init_convs_msra
 
-
-def make_norm(norm: str | Callable[[int], nn.Module] | None, channels: int) -> nn.Module | None:
-    """A normalization layer for ``channels``: ``"bn"``, ``"gn"`` (32 groups), a factory, or None."""
-    if norm is None:
-        return None
-    if callable(norm):
-        return norm(channels)
-    if norm == "bn":
-        return nn.BatchNorm2d(channels)
-    if norm == "gn":
-        return nn.GroupNorm(32, channels)
-    raise ValueError(f"norm must be None, 'bn', 'gn' or a callable, got {norm!r}")
-
-
-def conv3x3_norm_relu(in_channels: int, out_channels: int, norm, dilation: int = 1) -> nn.Sequential:
-    """``Sequential(conv[, norm], ReLU)`` named like torchvision's ``Conv2dNormActivation`` (conv is ``0``)."""
-    norm_layer = make_norm(norm, out_channels)
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=norm_layer is None)
-    ]
-    if norm_layer is not None:
-        layers.append(norm_layer)
-    layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
-
-
-def init_convs_msra(module: nn.Module) -> None:
-    """MSRA fill (fan_out, ReLU) for every conv in ``module``, zero biases (the R-CNN conv-head init)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+__all__ = ["MaskHead", "MaskPredictor", "mask_loss", "mask_probs"]
 
 
 class MaskHead(nn.Sequential):
@@ -63,7 +30,7 @@ class MaskHead(nn.Sequential):
         in_channels: C.
         layers: output channels of each conv (default four of 256).
         dilation: conv dilation.
-        norm: None (torchvision v1), ``"bn"`` (v2), ``"gn"`` or a factory ``channels -> Module``.
+        norm: None (torchvision v1), ``"bn"`` (v2), ``"gn"`` or any :data:`~resdet.heads.layers.NormSpec`.
 
     Parameter names are torchvision's ``MaskRCNNHeads``: ``{i}.0.weight`` (conv), ``{i}.1.*`` (norm);
     the pre-0.13 names ``mask_fcn{i+1}.*`` load too.
@@ -75,11 +42,11 @@ class MaskHead(nn.Sequential):
         layers: Sequence[int] = (256, 256, 256, 256),
         dilation: int = 1,
         *,
-        norm: str | Callable[[int], nn.Module] | None = None,
+        norm: NormSpec = None,
     ) -> None:
         blocks, channels = [], in_channels
         for out_channels in layers:
-            blocks.append(conv3x3_norm_relu(channels, out_channels, norm, dilation))
+            blocks.append(conv_norm_act(channels, out_channels, norm=norm, dilation=dilation))
             channels = out_channels
         super().__init__(*blocks)
         self.out_channels = channels

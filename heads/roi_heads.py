@@ -12,7 +12,7 @@ Shape shorthand:
 Numerics follow torchvision's ``RoIHeads`` (same parameter names and random draws); at test time only
 (proposal, class) pairs above ``score_thresh`` are decoded, which gives the same boxes.
 """
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from .box_ops import BOX_LOSSES, BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_regression_loss
-from .mask_head import conv3x3_norm_relu, init_convs_msra, mask_loss, mask_probs
+from .layers import NormSpec, conv_norm_act, init_convs_msra
+from .mask_head import mask_loss, mask_probs
 from .poolers import MultiScaleRoIAlign
 
 __all__ = ["TwoMLPHead", "ConvFCHead", "FastRCNNPredictor", "RoIHeads"]
@@ -65,12 +66,12 @@ class ConvFCHead(nn.Sequential):
         conv_layers: Sequence[int] = (256, 256, 256, 256),
         fc_layers: Sequence[int] = (1024,),
         *,
-        norm: str | Callable[[int], nn.Module] | None = "gn",
+        norm: NormSpec = "gn",
     ) -> None:
         channels, height, width = input_size
         blocks: list[nn.Module] = []
         for out_channels in conv_layers:
-            blocks.append(conv3x3_norm_relu(channels, out_channels, norm))
+            blocks.append(conv_norm_act(channels, out_channels, norm=norm))
             channels = out_channels
         blocks.append(nn.Flatten())  # [R, C' * S * S]
         features = channels * height * width

@@ -22,17 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resdet.backbones.norm import get_norm
 from resdet.backbones.shape_spec import ShapeSpec
 
+from .layers import conv_norm_act, init_convs_msra
+
 __all__ = ["SemanticFPNHead"]
-
-
-def _norm_layer(norm: str | None, channels: int) -> nn.Module | None:
-    """The norm layer named ``norm`` ("gn" = GroupNorm with 32 groups), or None for no norm."""
-    if norm is None or norm == "":
-        return None
-    return get_norm(norm, channels)
 
 
 class SemanticFPNHead(nn.Module):
@@ -83,18 +77,8 @@ class SemanticFPNHead(nn.Module):
             num_stages = max(1, int(math.log2(ratio)))
             stages: list[nn.Module] = []
             for k in range(num_stages):
-                norm_layer = _norm_layer(norm, conv_dims)
-                conv = nn.Conv2d(
-                    shape.channels if k == 0 else conv_dims,
-                    conv_dims,
-                    kernel_size=3,
-                    padding=1,
-                    bias=norm_layer is None,
-                )
-                layers: list[nn.Module] = [conv]
-                if norm_layer is not None:
-                    layers.append(norm_layer)
-                layers.append(nn.ReLU(inplace=True))
+                # conv → norm → ReLU (names 0, 1, 2), then the optional upsample as the block's last child.
+                layers = list(conv_norm_act(shape.channels if k == 0 else conv_dims, conv_dims, norm=norm))
                 if shape.stride != common_stride:
                     layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
                 stages.append(nn.Sequential(*layers))
@@ -104,12 +88,9 @@ class SemanticFPNHead(nn.Module):
 
     def reset_parameters(self) -> None:
         """MSRA fill (fan_out, ReLU) for tower convs, N(0, 0.001) for the classifier, zero biases."""
+        init_convs_msra(self.scale_heads)
         for module in self.scale_heads.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.GroupNorm):
+            if isinstance(module, nn.GroupNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.predictor.weight, std=0.001)
