@@ -5,10 +5,12 @@ initialisation copied into resdet with :func:`resdet.models.from_torchvision`), 
 the same images, so they do the same work; timings alternate between the two models so background
 load hits both alike, and medians are reported.
 
-Inference uses resdet's :meth:`GeneralizedRCNN.optimize_for_inference` (BatchNorm folded into convs,
-channels-last) — the documented way to deploy a resdet detector — against torchvision's model as is.
-Training steps (forward, backward, SGD step with learning rate 0 so the work stays equal) use both
-models unmodified (frozen BatchNorm).
+torchvision's model is built with frozen BatchNorm, as its published COCO models are. Inference is
+timed for resdet's model as built and after :meth:`GeneralizedRCNN.optimize_for_inference` (BatchNorm
+folded into convs, channels-last), alternating with torchvision's model as is. Training steps (forward,
+backward, SGD step with learning rate 0 so the work stays equal) use both models unmodified.
+FLOPs (matmuls and convolutions, ``FlopCounterMode``) divided by the median time give achieved GFLOP/s,
+to compare with a plain matrix product measured in the same run (:func:`gemm_gflops`).
 
 CPU peak memory is the rise of the process's peak resident set (``VmHWM`` after resetting it via
 ``/proc/self/clear_refs``); run with ``MALLOC_MMAP_THRESHOLD_=65536`` (``tools/benchmark.py`` sets it)
@@ -27,7 +29,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-__all__ = ["build_pair", "benchmark_pair", "format_rows", "Row"]
+__all__ = [
+    "Row", "bench_multiscale_roi_align", "benchmark_pair", "build_pair", "format_markdown", "format_rows",
+    "gemm_gflops", "normalize_depth",
+]
 
 
 @dataclass
@@ -162,6 +167,20 @@ def _synthetic_targets(n: int, h: int, w: int, masks: bool, device: torch.device
     return targets
 
 
+def gemm_gflops(device: torch.device, n: int = 2048, iters: int = 5) -> float:
+    """Achieved GFLOP/s of a plain float32 n×n matrix product: the machine's reference for the models."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    (t,) = _interleaved_times([lambda: a @ b], iters, 1, device)
+    return 2 * n**3 / t / 1e9
+
+
+def normalize_depth(depth: str) -> str:
+    """``"34"``, ``"r34"``, ``"resnet34"`` -> ``"resnet34"`` (other backbone names pass unchanged)."""
+    text = str(depth).lower()
+    digits = text[1:] if text.startswith("r") and text[1:].isdigit() else text
+    return f"resnet{digits}" if digits.isdigit() else text
+
+
 def benchmark_pair(
     arch: str,
     depth: str,
@@ -169,8 +188,7 @@ def benchmark_pair(
     sizes: tuple[tuple[int, int], ...] = ((800, 1066), (320, 427)),
     iters: int = 5,
     warmup: int = 1,
-    train_size: tuple[int, int] = (320, 427),
-    train_batch: int = 4,
+    train: tuple[tuple[int, int, int], ...] = ((2, 512, 683), (4, 320, 427)),
     train_iters: int = 3,
     device: str = "cpu",
     amp: bool = False,
@@ -179,21 +197,28 @@ def benchmark_pair(
 ) -> list[Row]:
     """Measures one architecture for resdet and torchvision; returns the rows (see the module docstring).
 
-    ``settings``: torchvision detector keyword arguments applied to both models (see :func:`build_pair`).
+    Inference rows come in two kinds, timed alternately in one loop with torchvision's model: ``as built``
+    (resdet's model exactly as constructed) and ``optimized`` (after ``optimize_for_inference()``).
+    Time rows carry the FLOPs of one call (``extra["gflop"]``, resdet and torchvision) when "flops" is
+    measured, from which :func:`format_markdown` derives achieved GFLOP/s.
+
+    Args:
+        train: training steps to time, each ``(batch, height, width)``.
+        settings: torchvision detector keyword arguments applied to both models (see :func:`build_pair`).
     """
+    import copy
+
     dev = torch.device(device)
+    depth = normalize_depth(depth)
     name = f"{arch}_rcnn_{depth}_fpn"
     rd, tv = build_pair(arch, depth, **(settings or {}))
     rows = [
         Row(name, "params", sum(p.numel() for p in rd.parameters()) / 1e6,
             sum(p.numel() for p in tv.parameters()) / 1e6, "M"),
     ]
-    rd_train = None
-    if "train" in measure:
-        import copy
-
-        rd_train = copy.deepcopy(rd).to(dev).train()
-    rd = rd.to(dev).optimize_for_inference()
+    rd_train = copy.deepcopy(rd).to(dev) if "train" in measure and train else None
+    rd_built = rd.to(dev).eval()
+    rd_opt = copy.deepcopy(rd_built).optimize_for_inference()
     tv = tv.to(dev).eval()
     g = torch.Generator().manual_seed(0)
     autocast = torch.autocast(device_type=dev.type) if amp else contextlib.nullcontext()
@@ -206,47 +231,53 @@ def benchmark_pair(
 
     for h, w in sizes:
         image = _synthetic_image(h, w, dev, g)
-        for model in (rd, tv):
+        for model in (rd_built, rd_opt, tv):
             _set_min_size(model, min(h, w), max(1333, max(h, w)))
-        fns = [infer(rd, image), infer(tv, image)]
+        fns = [infer(rd_built, image), infer(rd_opt, image), infer(tv, image)]
         ndet = len(fns[0]()[0]["boxes"])
+        flops = [count_flops(fn) / 1e9 for fn in fns] if "flops" in measure else None
         if "infer" in measure:
             t = _interleaved_times(fns, iters, warmup, dev)
-            rows.append(Row(name, f"infer {h}x{w}", t[0] * 1e3, t[1] * 1e3, "ms", {"detections": ndet}))
+            for k, kind in ((0, "as built"), (1, "optimized")):
+                extra = {"detections": ndet, "gflop": (flops[k], flops[2])} if flops else {"detections": ndet}
+                rows.append(Row(name, f"infer {h}x{w} {kind}", t[k] * 1e3, t[2] * 1e3, "ms", extra))
         if "memory" in measure:
             m = [peak_memory_mib(fn, dev) for fn in fns]
-            rows.append(Row(name, f"infer peak mem {h}x{w}", m[0], m[1], "MiB"))
-        if "flops" in measure:
-            f = [count_flops(fn) / 1e9 for fn in fns]
-            rows.append(Row(name, f"infer GFLOPs {h}x{w}", f[0], f[1], "GFLOP"))
+            rows.append(Row(name, f"infer peak mem {h}x{w} as built", m[0], m[2], "MiB"))
+            rows.append(Row(name, f"infer peak mem {h}x{w} optimized", m[1], m[2], "MiB"))
+        if flops:
+            rows.append(Row(name, f"infer GFLOPs {h}x{w}", flops[0], flops[2], "GFLOP"))
+    del rd_built, rd_opt
     if rd_train is not None:
-        del rd
-        h, w = train_size
-        images = [_synthetic_image(h, w, dev, g) for _ in range(train_batch)]
-        targets = _synthetic_targets(train_batch, h, w, arch == "mask", dev, g)
         tv.train()
-        for model in (rd_train, tv):
-            _set_min_size(model, min(h, w), max(1333, max(h, w)))
+        rd_train.train()
         # lr 0: the step runs in full but both models keep equal weights, hence equal proposals and the
         # same number of positive RoIs (the mask branch's cost) in every step.
         opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0) for m in (rd_train, tv)]
+        for batch, h, w in train:
+            images = [_synthetic_image(h, w, dev, g) for _ in range(batch)]
+            targets = _synthetic_targets(batch, h, w, arch == "mask", dev, g)
+            for model in (rd_train, tv):
+                _set_min_size(model, min(h, w), max(1333, max(h, w)))
 
-        def step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], object]:
-            def run() -> object:
-                with autocast:
-                    loss = sum(model(images, targets).values())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                return loss
-            return run
+            def step(model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[], object]:
+                def run() -> object:
+                    with autocast:
+                        loss = sum(model(images, targets).values())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    return loss
+                return run
 
-        fns = [step(rd_train, opts[0]), step(tv, opts[1])]
-        t = _interleaved_times(fns, train_iters, warmup, dev)
-        rows.append(Row(name, f"train step b{train_batch} {h}x{w}", t[0] * 1e3, t[1] * 1e3, "ms"))
-        if "memory" in measure:
-            m = [peak_memory_mib(fn, dev) for fn in fns]
-            rows.append(Row(name, f"train peak mem b{train_batch} {h}x{w}", m[0], m[1], "MiB"))
+            fns = [step(rd_train, opts[0]), step(tv, opts[1])]
+            extra = {"gflop": tuple(count_flops(fn) / 1e9 for fn in fns)} if "flops" in measure else {}
+            # The FLOP count ran each step once already: it stands for one warm-up step.
+            t = _interleaved_times(fns, train_iters, max(0, warmup - bool(extra)), dev)
+            rows.append(Row(name, f"train step b{batch} {h}x{w}", t[0] * 1e3, t[1] * 1e3, "ms", extra))
+            if "memory" in measure:
+                m = [peak_memory_mib(fn, dev) for fn in fns]
+                rows.append(Row(name, f"train peak mem b{batch} {h}x{w}", m[0], m[1], "MiB"))
     return rows
 
 
@@ -325,4 +356,21 @@ def bench_multiscale_roi_align(
     return Row("MultiScaleRoIAlign", metric, t[0] * 1e3, t[1] * 1e3, "ms", extra)
 
 
-__all__ += ["bench_multiscale_roi_align"]
+def format_markdown(rows: list[Row], gemm: float | None = None) -> str:
+    """A markdown table (what the README takes); time rows with FLOPs get achieved GFLOP/s and, given the
+    GEMM reference ``gemm`` (GFLOP/s), its percentage."""
+    head = "| model | metric | resdet | torchvision | ratio | unit | resdet GFLOP/s | torchvision GFLOP/s |"
+    lines = [head, "|---|---|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        rates = ["", ""]
+        if r.unit == "ms" and "gflop" in r.extra:
+            for k, (gflop, ms) in enumerate(zip(r.extra["gflop"], (r.resdet, r.torchvision))):
+                rate = gflop / (ms / 1e3)
+                rates[k] = f"{rate:.0f}" + (f" ({100 * rate / gemm:.0f} %)" if gemm else "")
+        lines.append(
+            f"| {r.model} | {r.metric} | {r.resdet:.2f} | {r.torchvision:.2f} | {r.ratio:.3f} | {r.unit} | "
+            f"{rates[0]} | {rates[1]} |"
+        )
+    if gemm:
+        lines.append(f"\nReference: a float32 2048×2048 matrix product ran at {gemm:.0f} GFLOP/s in this run.")
+    return "\n".join(lines)

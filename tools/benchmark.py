@@ -1,12 +1,14 @@
 """Benchmark resdet's Faster / Mask R-CNN against torchvision's same architecture, side by side.
 
-Prints resdet/torchvision ratios of inference latency, training step time, peak memory, FLOPs and
-parameters (logic in ``resdet.benchmark``).
+Prints resdet/torchvision ratios of inference latency (resdet as built and after
+``optimize_for_inference()``), training step time, peak memory, FLOPs, achieved GFLOP/s against a GEMM
+of the same run, and the MultiScaleRoIAlign operator, as a markdown table (logic in ``resdet.benchmark``).
 
 Examples::
 
-    python tools/benchmark.py                                  # all four models, CPU
-    python tools/benchmark.py --arch mask --depth resnet50 --sizes 800x1066 --iters 7
+    python tools/benchmark.py                                  # Mask R-CNN R34-FPN, CPU: the README table
+    python tools/benchmark.py --arch faster mask --depth 34 50 --iters 7
+    python tools/benchmark.py --train 2x800x1066 --sizes 800x1066 --threads 2
     python tools/benchmark.py --device cuda --amp
 """
 from __future__ import annotations
@@ -16,27 +18,34 @@ import os
 import sys
 
 
-def _size(text: str) -> tuple[int, int]:
+def _size(text: str) -> tuple[int, ...]:
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
+        return tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like HEIGHTxWIDTH, got {text!r}") from None
-    return h, w
+        raise argparse.ArgumentTypeError(f"expected numbers joined by 'x' (HxW or BxHxW), got {text!r}") from None
+
+
+def _train(text: str) -> tuple[int, int, int]:
+    value = _size(text)
+    if len(value) != 3:
+        raise argparse.ArgumentTypeError(f"training step must look like BATCHxHEIGHTxWIDTH, got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", nargs="+", default=["faster", "mask"], choices=["faster", "mask"])
-    p.add_argument("--depth", nargs="+", default=["resnet34", "resnet50"])
+    p.add_argument("--arch", nargs="+", default=["mask"], choices=["faster", "mask"])
+    p.add_argument("--depth", "--backbone", dest="depth", nargs="+", default=["resnet34"],
+                   help="backbones: 34, r50, resnet101 ... (--backbone is the same option)")
     p.add_argument("--sizes", nargs="*", type=_size, default=[(800, 1066), (320, 427)],
                    help="inference image sizes HxW (the model's min_size is set to the short side); none: skip")
     p.add_argument("--iters", type=int, default=5, help="timed inference iterations per model (median)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--train-size", type=_size, default=(320, 427))
-    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--train", nargs="*", type=_train, default=[(2, 800, 1066), (2, 512, 683), (4, 320, 427)],
+                   help="training steps BxHxW to time; none: skip")
     p.add_argument("--train-iters", type=int, default=3)
-    p.add_argument("--measure", nargs="+", default=["infer", "train", "memory", "flops"],
-                   choices=["infer", "train", "memory", "flops"])
+    p.add_argument("--measure", nargs="+", default=["infer", "train", "memory", "flops", "roi_align"],
+                   choices=["infer", "train", "memory", "flops", "roi_align"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -53,36 +62,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    from resdet.benchmark import benchmark_pair, format_rows
+    from resdet import benchmark
 
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, amp {args.amp}")
+    gemm = benchmark.gemm_gflops(torch.device(args.device))
     rows = []
     for arch in args.arch:
         for depth in args.depth:
-            new = benchmark_pair(
-                arch,
-                depth,
-                sizes=tuple(args.sizes),
-                iters=args.iters,
-                warmup=args.warmup,
-                train_size=args.train_size,
-                train_batch=args.train_batch,
-                train_iters=args.train_iters,
-                device=args.device,
-                amp=args.amp,
-                measure=tuple(args.measure),
+            new = benchmark.benchmark_pair(
+                arch, depth, sizes=tuple(args.sizes), iters=args.iters, warmup=args.warmup, train=tuple(args.train),
+                train_iters=args.train_iters, device=args.device, amp=args.amp, measure=tuple(args.measure),
             )
-            print(format_rows(new), flush=True)
+            print(benchmark.format_rows(new), flush=True)
             rows += new
-    print("\nall (ratio = resdet / torchvision; < 1 means resdet is faster / smaller)")
-    print(format_rows(rows))
+    if "roi_align" in args.measure:
+        rows.append(benchmark.bench_multiscale_roi_align(device=args.device))
+    print("\nratio = resdet / torchvision; < 1 means resdet is faster / smaller\n")
+    print(benchmark.format_markdown(rows, gemm))
     if args.onnx:
         from resdet.export import bench_onnxruntime, format_latency_rows
 
         for arch in args.arch:
-            for depth in args.depth:
+            for depth in map(benchmark.normalize_depth, args.depth):
                 for h, w in args.sizes:
                     rows = bench_onnxruntime(arch, depth, size=(h, w), iters=args.iters, warmup=args.warmup,
                                              threads=args.threads)
