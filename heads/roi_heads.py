@@ -22,7 +22,7 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_sm
 
 from .box_ops import BOX_LOSSES, BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_regression_loss
 from .layers import NormSpec, conv_norm_act, init_convs_msra
-from .mask_head import mask_loss, mask_probs
+from .mask_head import MaskPredictor, mask_loss, mask_probs
 from .poolers import MultiScaleRoIAlign
 
 __all__ = ["TwoMLPHead", "ConvFCHead", "FastRCNNPredictor", "RoIHeads"]
@@ -257,6 +257,14 @@ class RoIHeads(nn.Module):
             results.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
         return results
 
+    def _mask_logits(self, pooled: Tensor, classes: Tensor) -> Tensor:
+        """Mask logits of each RoI's class: [R, M, M] with a :class:`MaskPredictor` (its ``class_logits``
+        computes that class only), else the predictor's full [R, K, M, M]."""
+        x = self.mask_head(pooled)
+        if isinstance(self.mask_predictor, MaskPredictor):
+            return self.mask_predictor.class_logits(x, classes)
+        return self.mask_predictor(x)
+
     def forward(
         self,
         features: dict[str, Tensor],
@@ -293,7 +301,8 @@ class RoIHeads(nn.Module):
                 pos = [torch.where(lab > 0)[0] for lab in labels]
                 mask_props = [p[i] for p, i in zip(proposals, pos)]
                 pos_idxs = [m[i] for m, i in zip(matched_idxs, pos)]
-                mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_props, image_sizes)))
+                pos_labels = torch.cat([lab[i] for lab, i in zip(labels, pos)])
+                mask_logits = self._mask_logits(self.mask_roi_pool(features, mask_props, image_sizes), pos_labels)
                 losses["loss_mask"] = mask_loss(
                     mask_logits, mask_props, [t["masks"] for t in targets], [t["labels"] for t in targets], pos_idxs
                 )
@@ -302,7 +311,8 @@ class RoIHeads(nn.Module):
         results = self.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
         if self.has_mask:
             boxes = [r["boxes"] for r in results]
-            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_sizes)))
+            det_labels = torch.cat([r["labels"] for r in results])
+            mask_logits = self._mask_logits(self.mask_roi_pool(features, boxes, image_sizes), det_labels)
             for r, probs in zip(results, mask_probs(mask_logits, [r["labels"] for r in results])):
                 r["masks"] = probs
         return results, {}

@@ -60,3 +60,18 @@ def test_mask_modules_names_and_shapes():
     fresh = MaskHead(16, (16, 16, 16, 16))
     fresh.load_state_dict(old)
     assert torch.equal(fresh[2][0].weight, head[2][0].weight)
+
+
+def test_class_logits_equal_full_predictor_and_gradients():
+    predictor = MaskPredictor(16, 8, 5)
+    x = torch.randn(6, 16, 14, 14)
+    classes = torch.tensor([0, 4, 2, 2, 1, 3])
+    full = predictor(x)[torch.arange(6), classes]
+    full.sin().sum().backward()
+    grads = [p.grad.clone() for p in predictor.parameters()]
+    predictor.zero_grad()
+    ours = predictor.class_logits(x, classes)
+    ours.sin().sum().backward()
+    torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
+    for p, g in zip(predictor.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
