@@ -151,7 +151,7 @@ class FPN(nn.Module):
         # Top-down pathway: upsample the coarser merged map to the lateral's size and add.
         for j in range(len(laterals) - 2, -1, -1):
             up = F.interpolate(laterals[j + 1], size=laterals[j].shape[-2:], mode="nearest")
-            laterals[j] = laterals[j] + up
+            laterals[j] += up  # in place: the lateral conv's backward does not read its output
         results: list[Tensor] = []
         i = 0
         for block in self.layer_blocks:
