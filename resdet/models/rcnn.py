@@ -163,8 +163,9 @@ class GeneralizedRCNN(nn.Module):
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, image_sizes, targets = self.transform(images, targets)
         features = self.backbone(batch)
-        if self.transform.channels_last:
-            # RoIAlign reads NCHW memory; convert each level once instead of once per RoIAlign call.
+        if self.transform.channels_last and batch.device.type != "cpu":
+            # torchvision's RoIAlign reads NCHW memory: convert each level once, not once per call. On CPU
+            # resdet's RoIAlign gathers channels-last pixels, and the RPN convolutions stay channels-last.
             features = {k: v.contiguous() for k, v in features.items()}
         proposals, rpn_losses = self.rpn(batch, image_sizes, features, targets)
         detections, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)
@@ -179,8 +180,8 @@ class GeneralizedRCNN(nn.Module):
         * Folds eval-mode / frozen BatchNorm into the preceding convolutions (``backbones.fuse``).
         * With ``channels_last``: the backbone and the convolutional RoI heads (mask head, ``4conv1fc``
           box head) run in channels-last memory format, and 1×1 stride-1 backbone convolutions run as
-          one matrix product over pixels (``PointwiseConv2d``); FPN outputs are handed to RoIAlign in
-          NCHW once per level.
+          one matrix product over pixels (``PointwiseConv2d``); on CUDA, FPN outputs are handed to
+          torchvision's RoIAlign in NCHW once per level (on CPU they stay channels-last).
 
         Puts the model in eval mode and returns it. The result is for inference only: BatchNorm
         entries leave the state dict and training would not update BatchNorm statistics. Call it
