@@ -18,6 +18,7 @@ from timm.layers import create_classifier, register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, is_model, register_model
 from timm.models._features import feature_take_indices
 
+from .weights import IMAGENET_URLS
 from .resnet import LEVELS, BasicBlock, Block, Bottleneck, ResNet, check_image_batch
 
 __all__ = ["MODEL_NAMES", "ResNetClassifier"]
@@ -212,18 +213,10 @@ def _cfg(url: str = "", **kwargs: Any) -> dict[str, Any]:
     }
 
 
-_TV = "https://download.pytorch.org/models/"
-# torchvision's ImageNet weights load unchanged (same parameter names); downloaded only on pretrained=True.
+# torchvision's ImageNet weights load unchanged (same parameter names); downloaded only on pretrained=True,
+# from the same URLs (so into the same torch.hub cache file) as the detectors' model.backbone_weights.
 default_cfgs = generate_default_cfgs(
-    {
-        "resdet_resnet18.tv_in1k": _cfg(_TV + "resnet18-f37072fd.pth"),
-        "resdet_resnet34.tv_in1k": _cfg(_TV + "resnet34-b627a593.pth"),
-        "resdet_resnet50.tv_in1k": _cfg(_TV + "resnet50-0676ba61.pth"),
-        "resdet_resnet101.tv_in1k": _cfg(_TV + "resnet101-63fe2227.pth"),
-        "resdet_resnet152.tv_in1k": _cfg(_TV + "resnet152-394f9c45.pth"),
-        "resdet_resnext50_32x4d.tv_in1k": _cfg(_TV + "resnext50_32x4d-7cdf4587.pth"),
-        "resdet_wide_resnet50_2.tv_in1k": _cfg(_TV + "wide_resnet50_2-95faca4d.pth"),
-    }
+    {f"resdet_{name}.tv_in1k": _cfg(url) for name, url in IMAGENET_URLS.items()}
 )
 
 _ARCHS: dict[str, dict[str, Any]] = {

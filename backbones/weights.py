@@ -1,6 +1,10 @@
 """Read ImageNet ResNet checkpoints (torchvision / timm) and load them into :class:`ResNet`.
 
-Nothing is downloaded unless the caller passes an ``http(s)://`` URL.
+Nothing is downloaded unless the caller passes an ``http(s)://`` URL; a URL is fetched once into
+``torch.hub``'s cache (``<torch.hub.get_dir()>/checkpoints/<file name>``, the file timm's ``pretrained``
+variants use too) and read from there afterwards. When the file is neither cached nor downloadable
+(offline), :class:`WeightsUnavailableError` says which file is needed, its URL, where to put it and the
+``model.backbone_weights=PATH`` override.
 """
 import os
 import re
@@ -10,7 +14,38 @@ from typing import NamedTuple, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CLASSIFIER_PREFIXES", "ResNetLoadResult", "load_checkpoint", "load_resnet_weights", "strip_prefix"]
+from resdet.config import ConfigError
+
+__all__ = ["CLASSIFIER_PREFIXES", "IMAGENET_URLS", "ResNetLoadResult", "WeightsUnavailableError", "hub_cache_path",
+           "imagenet_url", "load_checkpoint", "load_resnet_weights", "strip_prefix"]
+
+_TV = "https://download.pytorch.org/models/"
+# torchvision's ImageNet (IMAGENET1K_V1) checkpoints, the backbone start of torchvision's detection recipe.
+IMAGENET_URLS = {
+    "resnet18": _TV + "resnet18-f37072fd.pth",
+    "resnet34": _TV + "resnet34-b627a593.pth",
+    "resnet50": _TV + "resnet50-0676ba61.pth",
+    "resnet101": _TV + "resnet101-63fe2227.pth",
+    "resnet152": _TV + "resnet152-394f9c45.pth",
+    "resnext50_32x4d": _TV + "resnext50_32x4d-7cdf4587.pth",
+    "wide_resnet50_2": _TV + "wide_resnet50_2-95faca4d.pth",
+}
+
+
+class WeightsUnavailableError(ConfigError):
+    """A weights URL is neither in torch.hub's cache nor downloadable."""
+
+
+def imagenet_url(name: str) -> str:
+    """torchvision's ImageNet checkpoint URL for a ResNet name (``resnet50`` ...)."""
+    if name not in IMAGENET_URLS:
+        raise KeyError(f"no torchvision ImageNet checkpoint for {name!r}; known: {sorted(IMAGENET_URLS)}")
+    return IMAGENET_URLS[name]
+
+
+def hub_cache_path(url: str) -> str:
+    """Where ``torch.hub`` (and timm) keep the file of ``url``."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
 
 CLASSIFIER_PREFIXES = ("fc.", "head.fc.", "classifier.")
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
@@ -45,15 +80,23 @@ def load_checkpoint(path: PathLike) -> dict[str, Tensor]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        WeightsUnavailableError: a URL neither cached nor downloadable.
         ValueError: the file holds no tensor state dict.
     """
     if _is_url(path):
         url = str(path)
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-        os.makedirs(cache, exist_ok=True)
-        local = os.path.join(cache, os.path.basename(url.split("?")[0]))
+        local = hub_cache_path(url)
         if not os.path.exists(local):
-            torch.hub.download_url_to_file(url, local, progress=True)
+            try:
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                torch.hub.download_url_to_file(url, local, progress=True)
+            except Exception as err:  # offline, proxy, HTTP error, read-only cache: one message for all
+                name = os.path.basename(local)
+                raise WeightsUnavailableError(
+                    f"model.backbone_weights: {name} is not in torch.hub's cache and could not be downloaded "
+                    f"({type(err).__name__}: {err}). Download {url} and put it at {local} (or set TORCH_HOME), "
+                    f"or pass model.backbone_weights=/path/to/{name}; model.backbone_weights=null trains "
+                    f"from scratch") from None
         path = local
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -1,9 +1,14 @@
-"""Collate, aspect-ratio grouped batching (also over DistributedSampler) and the DataLoader builder."""
+"""The one data-loading path: infinite seeded rank-sharded training stream, aspect-ratio grouped batches on
+top, exact skip for resume, and the inference sampler (every item once over all ranks)."""
+import itertools
+
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Dataset, Subset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from resdet.data import GroupedBatchSampler, InferenceSampler, aspect_ratio_group_ids, build_data_loader, collate_fn, set_loader_epoch
+from resdet.config import load_config
+from resdet.data import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_group_ids
+from resdet.engine.builders import build_test_loader, build_train_loader, collate, num_loader_workers
 
 
 class _Toy(Dataset):
@@ -24,54 +29,83 @@ class _Toy(Dataset):
         return torch.zeros(3, h, w), {"index": index, "boxes": torch.zeros(0, 4)}
 
 
+def _take(it, n):
+    return list(itertools.islice(it, n))
+
+
 def test_collate_keeps_lists():
     batch = [(torch.zeros(3, 4, 5), {"a": 1}), (torch.zeros(3, 6, 2), {"a": 2})]
-    images, targets = collate_fn(batch)
+    images, targets = collate(batch)
     assert isinstance(images, list) and [im.shape[1] for im in images] == [4, 6] and targets[1]["a"] == 2
 
 
-def test_grouped_batches_are_homogeneous_and_complete():
+def test_training_stream_is_seeded_sharded_and_covers_each_epoch():
+    full = _take(iter(TrainingSampler(7, seed=3)), 14)
+    assert sorted(i for i, e in full[:7]) == list(range(7)) and {e for _, e in full[:7]} == {0}
+    assert {e for _, e in full[7:]} == {1} and full[:7] != full[7:]  # a fresh permutation per epoch
+    assert _take(iter(TrainingSampler(7, seed=3)), 14) == full  # seeded
+    shards = [_take(iter(TrainingSampler(7, seed=3, rank=r, world_size=2)), 7) for r in range(2)]
+    assert shards[0] == full[0:14:2] and shards[1] == full[1:14:2]  # ranks interleave the same stream
+
+
+def test_grouped_batches_are_homogeneous_and_infinite():
     ds = _Toy()
     groups = aspect_ratio_group_ids(ds)
-    assert set(groups) == {0, 1} and groups[0] == (0 if ds.sizes[0][1] < ds.sizes[0][0] else 1)
-    sampler = GroupedBatchSampler(RandomSampler(ds, generator=torch.Generator().manual_seed(0)), groups, 4)
-    batches = list(sampler)
-    assert len(batches) == len(sampler)
-    assert sorted(i for b in batches for i in b) == list(range(len(ds)))
-    assert all(len({groups[i] for i in b}) == 1 for b in batches)
-    assert all(len(b) <= 4 for b in batches)
-    concat = ConcatDataset([ds, Subset(ds, [0, 1])])
-    assert aspect_ratio_group_ids(concat) == groups + groups[:2]
-    dropped = GroupedBatchSampler(SequentialSampler(ds), groups, 4, drop_last=True)
-    assert len(list(dropped)) == len(dropped) and all(len(b) == 4 for b in dropped)
+    assert set(groups) == {0, 1}
+    batches = _take(iter(GroupedBatchSampler(TrainingSampler(len(ds), seed=0), groups, 4)), 30)  # > 5 epochs
+    assert all(len(b) == 4 and len({groups[i] for i, _ in b}) == 1 for b in batches)
+    assert len({i for b in batches for i, _ in b}) == len(ds)
 
 
-def test_grouped_over_distributed_sampler_shards():
-    ds = _Toy(30)
+def test_uneven_epochs_give_every_rank_the_same_batches():
+    """12 images, 2 ranks, batch 2 with grouping: ranks never run out (no per-epoch batch count to differ)."""
+    ds = _Toy(13)
     groups = aspect_ratio_group_ids(ds)
-    seen = []
-    for rank in range(2):
-        inner = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=1)
-        sampler = GroupedBatchSampler(inner, groups, 3)
-        sampler.set_epoch(2)
-        batches = list(sampler)
-        assert all(len({groups[i] for i in b}) == 1 for b in batches)
-        seen += [i for b in batches for i in b]
-    assert sorted(seen) == list(range(30))
+    per_rank = [_take(iter(GroupedBatchSampler(TrainingSampler(13, seed=1, rank=r, world_size=2), groups, 2)), 40)
+                for r in range(2)]
+    assert [len(p) for p in per_rank] == [40, 40]
 
 
-def test_build_data_loader_with_workers():
-    ds = _Toy(10)
-    loader = build_data_loader(ds, batch_size=2, num_workers=1, train=True, distributed=False,
-                               aspect_ratio_grouping=True, seed=0)
-    set_loader_epoch(loader, 1)
-    indices = [t["index"] for images, targets in loader for t in targets]
-    assert sorted(indices) == list(range(10))
-    test_loader = build_data_loader(ds, batch_size=3, train=False)
-    assert [t["index"] for _, targets in test_loader for t in targets] == list(range(10))
+def test_set_start_skips_exactly_the_done_batches():
+    ds = _Toy()
+    sampler = GroupedBatchSampler(TrainingSampler(len(ds), seed=5), aspect_ratio_group_ids(ds), 3)
+    full = _take(iter(sampler), 20)
+    sampler.set_start(7)
+    assert _take(iter(sampler), 13) == full[7:]
+
+
+def test_aspect_groups_through_subset_and_concat():
+    ds = _Toy(6)
+    assert aspect_ratio_group_ids(Subset(ds, [1, 2])) == aspect_ratio_group_ids(ds)[1:3]
+    assert aspect_ratio_group_ids(ConcatDataset([ds, ds])) == aspect_ratio_group_ids(ds) * 2
+
+
+def test_train_and_test_loaders_from_config():
+    cfg = load_config(None, ["data.batch_size=2", "data.num_workers=1", "data.test_batch_size=3"])
+    loader, batch_sampler, _ = build_train_loader(cfg, _Toy(), rank=0, world_size=1)
+    batches = _take(iter(loader), 15)
+    assert all(len({(t["index"] in {i for i, s in enumerate(_Toy().sizes) if s[0] < s[1]}) for t in targets}) == 1
+               for _, targets in batches)  # grouped by orientation (on by default)
+    cfg.data.aspect_ratio_grouping = False
+    plain, _, _ = build_train_loader(cfg, _Toy(), rank=0, world_size=1)
+    stream = [i for i, _ in _take(iter(TrainingSampler(23, seed=cfg.train.seed)), 10)]
+    assert [t["index"] for _, ts in _take(iter(plain), 5) for t in ts] == stream
+    shards = [[t["index"] for _, ts in build_test_loader(cfg, _Toy(10), rank=r, world_size=3) for t in ts]
+              for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10))  # each once, no padding duplicates
 
 
 def test_inference_sampler_covers_each_item_once():
     shards = [list(InferenceSampler(10, rank=r, world_size=3)) for r in range(3)]
-    assert shards == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert sorted(sum(shards, [])) == list(range(10))
     assert len(InferenceSampler(2, rank=2, world_size=3)) == 0
+
+
+def test_workers_capped_to_available_cpus(monkeypatch, caplog):
+    import resdet.engine.builders as b
+
+    monkeypatch.setattr(b, "available_cpus", lambda: 2)
+    b._warned_workers.clear()
+    with caplog.at_level("WARNING", logger="resdet"):
+        assert num_loader_workers(4) == 2 and num_loader_workers(4) == 2 and num_loader_workers(1) == 1
+    assert sum("exceeds the 2 CPU" in r.getMessage() for r in caplog.records) == 1  # said once

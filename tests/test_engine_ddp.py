@@ -1,5 +1,6 @@
-"""Two CPU processes under torchrun (gloo): DistributedDataParallel training ends with identical weights
-on both ranks, and the sharded evaluation gathers every validation image."""
+"""Two CPU processes under torchrun (gloo): DistributedDataParallel training over an uneven dataset (5
+images, 2 ranks: the epoch boundary falls mid-batch) runs the same number of steps on both ranks without a
+hang, ends with identical weights, and the sharded evaluation gathers every validation image."""
 from __future__ import annotations
 
 import os
@@ -20,19 +21,19 @@ SCRIPT = textwrap.dedent("""
     from resdet.engine.trainer import Trainer
     root, out = sys.argv[1], sys.argv[2]
     cfg = load_config(os.path.join({repo!r}, "configs/shapes/mask_rcnn_r34_fpn.yaml"), [
-        f"data.root={{root}}", "data.shapes.num_train=8", "data.shapes.num_val=4", "data.shapes.image_size=64",
+        f"data.root={{root}}", "data.shapes.num_train=5", "data.shapes.num_val=3", "data.shapes.image_size=64",
         "data.batch_size=1", "data.test_batch_size=1", "data.num_workers=0", "model.backbone=resnet18",
         "model.min_size=64", "model.max_size=64", "model.rpn_pre_nms_top_n_train=100",
         "model.rpn_post_nms_top_n_train=50", "model.rpn_pre_nms_top_n_test=50", "model.rpn_post_nms_top_n_test=20",
         "model.box_batch_size_per_image=16",
         "model.options={{fpn_out_channels: 32, box_representation_size: 64, mask_layers: [32], mask_predictor_channels: 32}}",
-        "solver.max_iter=2", "solver.steps=[]", "solver.warmup_iters=0", "solver.lr=0.01", "train.device=cpu",
+        "solver.max_iter=4", "solver.steps=[]", "solver.warmup_iters=0", "solver.lr=0.01", "train.device=cpu",
         f"train.output_dir={{out}}", "train.checkpoint_period=0", "train.num_vis_images=0", "train.progress_bar=false",
         "train.sync_bn=true", "eval.iou_types=[bbox]"])  # sync_bn: ignored with a warning on CPU
     trainer = Trainer(cfg)
     assert dist.get_world_size() == 2 and isinstance(trainer.ddp_model, torch.nn.parallel.DistributedDataParallel)
     metrics = trainer.train()
-    torch.save({{"model": trainer.model.state_dict(), "metrics": metrics}}, os.path.join(out, f"rank{{dist.get_rank()}}.pt"))
+    torch.save({{"model": trainer.model.state_dict(), "metrics": metrics, "steps": trainer.batches_done}}, os.path.join(out, f"rank{{dist.get_rank()}}.pt"))
     dist.destroy_distributed()
 """)
 
@@ -48,7 +49,7 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     script.write_text(SCRIPT.format(repo=REPO))
     from resdet.data import shapes
 
-    shapes.generate(str(tmp_path / "shapes"), num_train=8, num_val=4, image_size=64, seed=0)
+    shapes.generate(str(tmp_path / "shapes"), num_train=5, num_val=3, image_size=64, seed=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script),
@@ -57,11 +58,12 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "out" / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "out" / "rank1.pt", weights_only=False)
+    assert r0["steps"] == r1["steps"] == 4  # two epochs' boundary crossed on both ranks
     assert r0["model"].keys() == r1["model"].keys()
     for k in r0["model"]:
         assert torch.equal(r0["model"][k], r1["model"][k]), k
     assert r0["metrics"]["bbox/AP"] == r1["metrics"]["bbox/AP"]  # gathered on rank 0, broadcast to all
-    resumable = torch.load(tmp_path / "out" / "model_0000002.pth", weights_only=True)  # end of training
-    assert resumable["iteration"] == 2 and len(resumable["rng"]) == 2
+    resumable = torch.load(tmp_path / "out" / "model_0000004.pth", weights_only=True)  # end of training
+    assert resumable["iteration"] == 4 and len(resumable["rng"]) == 2
     final = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)
-    assert final["iteration"] == 2 and "optimizer" not in final
+    assert final["iteration"] == 4 and "optimizer" not in final

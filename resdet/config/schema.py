@@ -109,6 +109,8 @@ class DataConfig:
     val_split: str = "val"
     years: list[Year] = field(default_factory=lambda: ["2007", "2012"])  # VOC training years
     remove_empty: bool = True
+    missing_images: Literal["error", "skip"] = "error"  # COCO json images absent on disk: stop, or skip and count
+    aspect_ratio_grouping: bool = True  # training batches hold only landscape or only portrait images
     batch_size: Count = 2  # images per process per micro-batch
     test_batch_size: Count = 1
     num_workers: NonNegative = 2

@@ -11,8 +11,8 @@ from .cityscapes_labels import TRAIN_ID_NAMES as CITYSCAPES_TRAIN_ID_NAMES
 from .coco import CocoDataset
 from .convert import cityscapes_to_coco, voc_to_coco, write_json
 from .image_io import ImageReadError, read_image, read_label_map
-from .loader import build_data_loader, collate_fn, set_loader_epoch, worker_init_fn
-from .samplers import GroupedBatchSampler, InferenceSampler, aspect_ratio_group_ids
+from .label_space import LabelSpace
+from .samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_group_ids
 from .shapes import ShapesDataset
 from .transforms import DetectionTransforms, ResizeShortestEdge, build_transforms
 from .voc import VOC_CLASSES, VOCDataset
@@ -24,6 +24,5 @@ __all__ = [
     "voc_to_coco", "cityscapes_to_coco", "write_json",
     "ImageReadError", "read_image", "read_label_map",
     "build_transforms", "DetectionTransforms", "ResizeShortestEdge",
-    "collate_fn", "worker_init_fn", "build_data_loader", "set_loader_epoch",
-    "GroupedBatchSampler", "InferenceSampler", "aspect_ratio_group_ids",
+    "LabelSpace", "TrainingSampler", "GroupedBatchSampler", "InferenceSampler", "aspect_ratio_group_ids",
 ]

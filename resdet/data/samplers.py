@@ -1,15 +1,24 @@
-"""Aspect-ratio grouped batching: each batch holds only landscape or only portrait images (or finer groups),
-so padding a batch to one size wastes little. Works over any index sampler, ``DistributedSampler`` included.
+"""Samplers: the one training index stream (infinite, seeded, rank-sharded) with aspect-ratio grouped
+batches on top, and the inference sampler that shards evaluation without duplicates.
+
+Training has no epochs at the loop level (as detectron2's ``TrainingSampler``): the stream is the
+concatenation of seeded permutations ``perm(seed, 0), perm(seed, 1), ...`` and rank ``r`` of ``W`` takes
+positions ``r, r + W, r + 2W, ...`` of it. Every rank therefore gets as many batches as it asks for, an
+uneven dataset never leaves one rank waiting at an epoch boundary, and the order is a pure function of
+``(seed, rank, world size, batches done)``: a resumed run skips the batches already done (index arithmetic
+only, no image is read) and then sees exactly what an uninterrupted run would. Each item is yielded as
+``(index, epoch)`` so the dataset wrapper can seed its augmentation from ``(seed, epoch, index)``.
 """
 from __future__ import annotations
 
 import bisect
-import collections
+import itertools
 from typing import Iterator, Sequence
 
+import torch
 from torch.utils.data import Sampler
 
-__all__ = ["GroupedBatchSampler", "InferenceSampler", "aspect_ratio_group_ids"]
+__all__ = ["TrainingSampler", "GroupedBatchSampler", "InferenceSampler", "aspect_ratio_group_ids"]
 
 
 def _image_sizes(dataset) -> list[tuple[int, int]] | None:
@@ -38,52 +47,75 @@ def aspect_ratio_group_ids(dataset, bins: Sequence[float] = (1.0,)) -> list[int]
     return [bisect.bisect_right(bins, width / height) for height, width in sizes]
 
 
-class GroupedBatchSampler(Sampler[list[int]]):
-    """Batches indices from ``sampler`` so that every batch shares one group id.
-
-    Indices are buffered per group and a batch is emitted as soon as a group holds ``batch_size`` of them,
-    keeping the sampler's order as far as grouping allows. Leftovers at the end of an epoch are emitted as
-    smaller batches unless ``drop_last``; ``len()`` is exact.
+class TrainingSampler(Sampler[tuple[int, int]]):
+    """Infinite stream of ``(index, epoch)`` for one rank (see the module docstring).
 
     Args:
-        sampler: yields dataset indices (e.g. ``RandomSampler`` or ``DistributedSampler``; call its
-            ``set_epoch`` as usual — this sampler forwards ``set_epoch`` too).
-        group_ids: group id per dataset index.
-        batch_size: images per batch.
-        drop_last: drop incomplete leftover batches.
+        size: dataset length.
+        seed: shuffling seed, equal on every rank.
+        rank, world_size: this process's shard.
+        shuffle: permute each epoch (False: ``0..size-1`` every epoch).
     """
 
-    def __init__(self, sampler: Sampler[int], group_ids: Sequence[int], batch_size: int, *,
-                 drop_last: bool = False) -> None:
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        if size <= 0:
+            raise ValueError(f"the training set is empty (size {size})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+        self.size, self.seed, self.rank, self.world_size, self.shuffle = size, seed, rank, world_size, shuffle
+
+    def _global(self) -> Iterator[tuple[int, int]]:
+        for epoch in itertools.count():
+            if self.shuffle:
+                g = torch.Generator()
+                g.manual_seed(self.seed * 100_003 + epoch)  # distinct per (seed, epoch)
+                order = torch.randperm(self.size, generator=g).tolist()
+            else:
+                order = range(self.size)
+            for index in order:
+                yield index, epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return itertools.islice(self._global(), self.rank, None, self.world_size)
+
+
+class GroupedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Infinite batches of ``batch_size`` items from ``sampler``, every batch within one aspect group.
+
+    Items are buffered per group and a batch is emitted as soon as a group holds ``batch_size`` of them,
+    keeping the stream's order as far as grouping allows (torchvision's references and detectron2 do the
+    same). With a single group this is plain batching of the stream. ``set_start(n)`` makes the next
+    iteration skip the first ``n`` batches (resume).
+
+    Args:
+        sampler: an infinite ``(index, epoch)`` stream, e.g. :class:`TrainingSampler`.
+        group_ids: group id per dataset index (:func:`aspect_ratio_group_ids`; all zeros: no grouping).
+        batch_size: images per batch on this rank.
+    """
+
+    def __init__(self, sampler: TrainingSampler, group_ids: Sequence[int], batch_size: int) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.sampler = sampler
         self.group_ids = list(group_ids)
         self.batch_size = batch_size
-        self.drop_last = drop_last
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
+    def set_start(self, batches_done: int) -> None:
+        """Skip the first ``batches_done`` batches on the next iteration."""
+        self.start = batches_done
 
-    def __iter__(self) -> Iterator[list[int]]:
-        buffers: dict[int, list[int]] = collections.defaultdict(list)
-        for index in self.sampler:
-            buffer = buffers[self.group_ids[index]]
-            buffer.append(index)
+    def _batches(self) -> Iterator[list[tuple[int, int]]]:
+        buffers: dict[int, list[tuple[int, int]]] = {}
+        for item in self.sampler:
+            buffer = buffers.setdefault(self.group_ids[item[0]], [])
+            buffer.append(item)
             if len(buffer) == self.batch_size:
                 yield list(buffer)
                 buffer.clear()
-        if not self.drop_last:
-            for buffer in buffers.values():
-                if buffer:
-                    yield list(buffer)
 
-    def __len__(self) -> int:
-        counts = collections.Counter(self.group_ids[i] for i in self.sampler)
-        if self.drop_last:
-            return sum(c // self.batch_size for c in counts.values())
-        return sum(-(-c // self.batch_size) for c in counts.values())
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return itertools.islice(self._batches(), self.start, None)
 
 
 class InferenceSampler(Sampler[int]):

@@ -22,7 +22,7 @@ from .base import IGNORE_LABEL, DetectionDatasetBase, Transform, masks_to_boxes,
     target_to_tensors
 from .image_io import ImageReadError, read_image, read_label_map
 
-__all__ = ["VOC_CLASSES", "VOCDataset", "voc_image_id"]
+__all__ = ["VOC_CLASSES", "VOCDataset", "voc_image_id", "voc_split_file"]
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -34,6 +34,12 @@ def voc_image_id(file_id: str, fallback: int) -> int:
     """Integer image id from a VOC file id ("2008_000123" → 2008000123, "000005" → 5)."""
     digits = file_id.replace("_", "")
     return int(digits) if digits.isdigit() else fallback
+
+
+def voc_split_file(root: str, year: str | int, split: str, *, task: str = "detection") -> str:
+    """``VOCdevkit/VOC{year}/ImageSets/{Main|Segmentation}/{split}.txt`` for a task."""
+    sets = "Main" if task == "detection" else "Segmentation"
+    return os.path.join(root, f"VOC{year}", "ImageSets", sets, f"{split}.txt")
 
 
 def _read_split(path: str) -> list[str]:
@@ -78,8 +84,7 @@ class VOCDataset(DetectionDatasetBase):
         self.class_names = ["background", *VOC_CLASSES] if task == "semantic" else list(VOC_CLASSES)
         self.cat_id_to_contiguous = {i: i for i in range(1, len(VOC_CLASSES) + 1)}
         self.contiguous_to_cat_id = dict(self.cat_id_to_contiguous)
-        sets = "Main" if task == "detection" else "Segmentation"
-        ids = _read_split(os.path.join(self.root, "ImageSets", sets, f"{split}.txt"))
+        ids = _read_split(voc_split_file(root, self.year, split, task=task))
         self.records = self._build_records(ids, remove_empty)
 
     @property

@@ -1,32 +1,36 @@
 """Config → datasets, data loaders and evaluators (the only place data options are read from a config).
 
-Training data order is a pure function of ``(seed, epoch, position)``: :class:`EpochBatchSampler` draws
-each epoch's permutation from its own generator and can start mid-epoch, and :class:`SeededDataset`
-reseeds the augmentation of every item from ``(seed, epoch, index)``. So a resumed run sees exactly the
-batches, and the augmentations, that an uninterrupted one would, whatever the number of workers.
+Training data order is a pure function of ``(seed, rank, world size, batches done)``: the infinite
+:class:`~resdet.data.samplers.TrainingSampler` stream, batched within aspect-ratio groups, skips the
+batches a resumed run has done, and :class:`SeededDataset` reseeds the augmentation of every item from
+``(seed, epoch, index)``. So a resumed run sees exactly the batches, and the augmentations, that an
+uninterrupted one would, whatever the number of workers.
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from resdet.config import Config
+from resdet.config import Config, ConfigError
+from resdet.data.samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_group_ids
 
 __all__ = [
     "ensure_shapes",
     "build_dataset",
-    "EpochBatchSampler",
     "SeededDataset",
     "build_train_loader",
     "build_test_loader",
     "build_evaluator",
     "dataset_metadata",
+    "check_num_classes",
+    "num_loader_workers",
+    "available_cpus",
     "collate",
 ]
 
@@ -34,9 +38,39 @@ logger = logging.getLogger("resdet")
 
 
 def collate(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
-    """``[(image, target), ...]`` → ``([images], [targets])``."""
+    """``[(image, target), ...]`` → ``([images], [targets])``; images keep their own sizes."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Turns OpenCV's own thread pool off inside a loader worker (it would fight torch's threads)."""
+    import cv2
+
+    cv2.setNumThreads(0)
+
+
+_warned_workers: set[tuple[int, int]] = set()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def num_loader_workers(requested: int) -> int:
+    """``data.num_workers`` capped to the CPUs there are (said once per requested/cap pair)."""
+    cap = available_cpus()
+    if requested <= cap:
+        return requested
+    if (requested, cap) not in _warned_workers:
+        _warned_workers.add((requested, cap))
+        logger.warning("data.num_workers=%d exceeds the %d CPU(s) available: using %d loader workers",
+                       requested, cap, cap)
+    return cap
 
 
 def ensure_shapes(cfg: Config) -> None:
@@ -61,10 +95,24 @@ def _transforms(cfg: Config, train: bool):
                             hflip_prob=d.hflip_prob)
 
 
-def build_dataset(cfg: Config, *, train: bool) -> Dataset:
-    """The training or validation dataset named by ``cfg.data``."""
+def _voc_val_year(d: Any) -> str:
+    """The VOC year to validate on: among ``data.years`` the one whose devkit has the ``val_split`` image
+    set, preferring 2007 for detection (its test set is the benchmark) and 2012 for segmentation."""
+    from resdet.data.voc import voc_split_file
+
+    years = [str(y) for y in d.years]
+    preferred = "2012" if d.task == "semantic" else "2007"
+    order = sorted(years, key=lambda y: (y != preferred, years.index(y)))
+    for year in order:
+        if os.path.isfile(voc_split_file(d.root, year, d.val_split, task=d.task)):
+            return year
+    tried = ", ".join(voc_split_file(d.root, y, d.val_split, task=d.task) for y in order)
+    raise ConfigError(f"data.val_split={d.val_split!r}: no VOC year of data.years={years} has that image set "
+                      f"(looked for {tried})")
+
+
+def _build(cfg: Config, *, train: bool, transforms) -> Dataset:
     d = cfg.data
-    transforms = _transforms(cfg, train)
     remove_empty = d.remove_empty and train
     if d.dataset == "shapes":
         from resdet.data.shapes import ShapesDataset
@@ -78,15 +126,15 @@ def build_dataset(cfg: Config, *, train: bool) -> Dataset:
 
         images, ann = (d.train_images, d.train_ann) if train else (d.val_images, d.val_ann)
         return CocoDataset(os.path.join(d.root, images), os.path.join(d.root, ann), transforms=transforms,
-                           remove_empty=remove_empty, with_masks=d.task == "instance")
+                           remove_empty=remove_empty, with_masks=d.task == "instance",
+                           missing_images=d.missing_images)
     if d.dataset == "voc":
         from resdet.data.voc import VOCDataset
 
         if not train:
-            # Detection is evaluated on VOC2007 test; segmentation on VOC2012 val (ImageSets/Segmentation).
-            val_year = "2012" if d.task == "semantic" else "2007"
-            return VOCDataset(d.root, val_year, d.val_split, task=d.task, transforms=transforms, keep_difficult=True)
-        parts = [VOCDataset(d.root, year, d.train_split, task=d.task, transforms=transforms,
+            return VOCDataset(d.root, _voc_val_year(d), d.val_split, task=d.task, transforms=transforms,
+                              keep_difficult=True)
+        parts = [VOCDataset(d.root, str(year), d.train_split, task=d.task, transforms=transforms,
                             remove_empty=remove_empty) for year in d.years]
         if len(parts) == 1:
             return parts[0]
@@ -103,16 +151,48 @@ def build_dataset(cfg: Config, *, train: bool) -> Dataset:
     raise ValueError(f"data.dataset={d.dataset!r} is not supported")
 
 
+def check_num_classes(cfg: Config, dataset: Dataset, *, where: str) -> None:
+    """Stop at start when the data's classes and ``model.num_classes`` disagree (detection tasks)."""
+    if cfg.data.task == "semantic" or cfg.model.arch == "semantic_fpn":
+        return
+    wanted = getattr(dataset, "num_classes", None)
+    if wanted is None or int(wanted) == cfg.model.num_classes:
+        return
+    raise ConfigError(f"the {where} data has {int(wanted) - 1} categories (+ background = {int(wanted)} "
+                      f"classes) but model.num_classes={cfg.model.num_classes}: set model.num_classes={int(wanted)}")
+
+
+def build_dataset(cfg: Config, *, train: bool, check_classes: bool = True) -> Dataset:
+    """The training or validation dataset named by ``cfg.data``.
+
+    Args:
+        check_classes: raise :class:`ConfigError` when the data's class count differs from
+            ``model.num_classes`` (evaluating a checkpoint in another label space passes False).
+    """
+    dataset = _build(cfg, train=train, transforms=_transforms(cfg, train))
+    if check_classes:
+        check_num_classes(cfg, dataset, where="training" if train else "validation")
+    return dataset
+
+
 def dataset_metadata(dataset: Dataset) -> dict[str, Any]:
-    """``class_names`` and ``contiguous_to_cat_id`` of a dataset (stored in checkpoints for inference)."""
-    return {
+    """``class_names``, ``contiguous_to_cat_id`` and ``label_space`` (plain types) of a dataset, stored in
+    checkpoints so that inference maps labels back to the dataset's category ids."""
+    from resdet.data.label_space import LabelSpace
+
+    space = LabelSpace.from_dataset(dataset)
+    meta: dict[str, Any] = {
         "class_names": list(getattr(dataset, "class_names", [])),
         "contiguous_to_cat_id": dict(getattr(dataset, "contiguous_to_cat_id", {}) or {}),
     }
+    if space is not None:
+        meta["label_space"] = space.to_dict()
+    return meta
 
 
 class SeededDataset(Dataset):
-    """Wraps a dataset so that item ``i`` in epoch ``e`` is augmented with the seed ``(seed, e, i)``.
+    """Wraps a dataset so that item ``(i, e)`` (index ``i`` drawn in epoch ``e`` of the training stream) is
+    augmented with the seed ``(seed, e, i)``; a plain index is epoch 0.
 
     The global Python/NumPy/torch generators are restored afterwards, so loading in the main process
     (``num_workers=0``) leaves the training RNG untouched.
@@ -121,30 +201,23 @@ class SeededDataset(Dataset):
     def __init__(self, dataset: Dataset, *, seed: int) -> None:
         self.dataset = dataset
         self.seed = seed
-        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def _seed_transforms(self, item_seed: int) -> None:
         ds = self.dataset
-        if isinstance(ds, ConcatDataset):
-            for part in ds.datasets:
-                self._seed_one(part, item_seed)
-        else:
-            self._seed_one(ds, item_seed)
+        for part in (ds.datasets if isinstance(ds, ConcatDataset) else [ds]):
+            t = getattr(part, "transforms", None)
+            if t is not None and hasattr(t, "set_seed"):
+                info = torch.utils.data.get_worker_info()
+                if info is not None and hasattr(t, "_seeded_worker"):
+                    t._seeded_worker = info.id  # keep the per-worker reseeding from overriding ours
+                t.set_seed(item_seed)
 
-    @staticmethod
-    def _seed_one(ds: Any, item_seed: int) -> None:
-        t = getattr(ds, "transforms", None)
-        if t is not None and hasattr(t, "set_seed"):
-            info = torch.utils.data.get_worker_info()
-            if info is not None and hasattr(t, "_seeded_worker"):
-                t._seeded_worker = info.id  # keep the per-worker reseeding from overriding ours
-            t.set_seed(item_seed)
-
-    def __getitem__(self, index: int):
-        item_seed = int(np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0])
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        item_seed = int(np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(1)[0])
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             random.seed(item_seed)
@@ -158,73 +231,48 @@ class SeededDataset(Dataset):
                 np.random.set_state(np_state)
 
 
-class EpochBatchSampler(Sampler[list[int]]):
-    """Shuffled, rank-sharded, fixed-size batches; epoch ``e`` is a pure function of ``(seed, e)``.
-
-    Every rank gets ``len(self)`` batches per epoch (the permutation is padded by wrapping around, as
-    ``DistributedSampler`` does, and the incomplete last batch is dropped).
-
-    Args:
-        num_samples: dataset length.
-        batch_size: images per batch on this rank.
-        seed: shuffling seed, equal on every rank.
-        rank, world_size: this process's shard.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        per_rank = -(-num_samples // world_size)
-        if per_rank < batch_size:
-            raise ValueError(f"{num_samples} training images over {world_size} process(es) cannot fill one "
-                             f"batch of {batch_size}")
-        self.num_samples, self.batch_size = num_samples, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.start_batch = 0, 0
-        self._per_rank = per_rank
-
-    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
-        """Select the epoch and the first batch to yield (for a resume mid-epoch)."""
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return self._per_rank // self.batch_size
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_samples, generator=g).tolist()
-        total = self._per_rank * self.world_size
-        order = (order * (-(-total // self.num_samples)))[:total]  # pad by wrapping
-        mine = order[self.rank:total:self.world_size]
-        for b in range(self.start_batch, len(self)):
-            yield mine[b * self.batch_size:(b + 1) * self.batch_size]
-
-
 def build_train_loader(cfg: Config, dataset: Dataset, *, rank: int = 0,
-                       world_size: int = 1) -> tuple[DataLoader, EpochBatchSampler, SeededDataset]:
-    """A resumable training loader: returns ``(loader, batch_sampler, seeded dataset)``."""
+                       world_size: int = 1) -> tuple[DataLoader, GroupedBatchSampler, SeededDataset]:
+    """The one training loader: an infinite seeded rank-sharded stream (:class:`TrainingSampler`), batched
+    within aspect-ratio groups when ``data.aspect_ratio_grouping`` (:class:`GroupedBatchSampler`).
+
+    Returns:
+        ``(loader, batch sampler, seeded dataset)``; call ``batch_sampler.set_start(batches_done)`` before
+        iterating to resume.
+    """
+    d = cfg.data
     seeded = SeededDataset(dataset, seed=cfg.train.seed)
-    sampler = EpochBatchSampler(len(dataset), cfg.data.batch_size, seed=cfg.train.seed, rank=rank,
-                                world_size=world_size)
+    sampler = TrainingSampler(len(dataset), seed=cfg.train.seed, rank=rank, world_size=world_size)
+    groups = aspect_ratio_group_ids(dataset) if d.aspect_ratio_grouping else [0] * len(dataset)
+    batch_sampler = GroupedBatchSampler(sampler, groups, d.batch_size)
     g = torch.Generator()
     g.manual_seed(cfg.train.seed)  # DataLoader draws worker base seeds from this, not the global RNG
-    loader = DataLoader(seeded, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
-                        generator=g, persistent_workers=False)
-    return loader, sampler, seeded
+    workers = num_loader_workers(d.num_workers)
+    loader = DataLoader(seeded, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
+                        generator=g, worker_init_fn=_worker_init if workers else None, persistent_workers=False)
+    return loader, batch_sampler, seeded
 
 
 def build_test_loader(cfg: Config, dataset: Dataset, *, rank: int = 0, world_size: int = 1,
                       max_images: int | None = None) -> DataLoader:
-    """Sequential loader over this rank's share (``rank::world_size``) of the first ``max_images`` items."""
+    """In-order loader over this rank's contiguous share (:class:`InferenceSampler`) of the first
+    ``max_images`` items: every image is evaluated once over all ranks."""
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    indices = list(range(rank, n, world_size))
-    subset = torch.utils.data.Subset(dataset, indices)
-    return DataLoader(subset, batch_size=cfg.data.test_batch_size, shuffle=False,
-                      num_workers=min(cfg.data.num_workers, 2), collate_fn=collate)
+    subset = torch.utils.data.Subset(dataset, range(n))
+    workers = num_loader_workers(min(cfg.data.num_workers, 2))
+    return DataLoader(subset, batch_size=cfg.data.test_batch_size,
+                      sampler=InferenceSampler(n, rank=rank, world_size=world_size), num_workers=workers,
+                      collate_fn=collate, worker_init_fn=_worker_init if workers else None)
 
 
-def build_evaluator(cfg: Config, dataset: Dataset, *, output_dir: str | None = None):
+def build_evaluator(cfg: Config, dataset: Dataset, *, output_dir: str | None = None, label_space=None):
     """The evaluator for ``cfg.eval.evaluator`` (``auto``: COCO for coco/shapes/cityscapes instance
-    data, VOC for voc detection data, mIoU for semantic data); None for ``none``."""
+    data, VOC for voc detection data, mIoU for semantic data); None for ``none``.
+
+    Args:
+        label_space: the model's :class:`~resdet.data.label_space.LabelSpace` (labels → the dataset's
+            category ids); None: the dataset's own contiguous mapping.
+    """
     from resdet.evaluation import COCOEvaluator, SemSegEvaluator, VOCEvaluator
 
     kind = cfg.eval.evaluator
@@ -249,5 +297,6 @@ def build_evaluator(cfg: Config, dataset: Dataset, *, output_dir: str | None = N
         raise ValueError(f"eval.evaluator=coco needs a dataset with a pycocotools ground truth (.coco); "
                          f"{type(dataset).__name__} has none — convert it with tools/convert_*_to_coco.py")
     iou_types = [t for t in cfg.eval.iou_types if t != "segm" or cfg.model.arch == "mask_rcnn"]
-    return COCOEvaluator(coco, getattr(dataset, "contiguous_to_cat_id", None), iou_types=iou_types,
-                         output_dir=output_dir)
+    mapping = (label_space.label_to_cat_id() if label_space is not None
+               else getattr(dataset, "contiguous_to_cat_id", None))
+    return COCOEvaluator(coco, mapping, iou_types=iou_types, output_dir=output_dir)

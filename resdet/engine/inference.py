@@ -1,6 +1,7 @@
 """Evaluation and inference entry points: a config plus a checkpoint in, metrics or drawn images out."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,6 +13,8 @@ from resdet.config import Config, apply_overrides, config_from_dict, config_to_d
 from resdet.models import build_model
 
 from . import distributed as dist
+from resdet.data.label_space import TORCHVISION_COCO_NUM_CLASSES, LabelSpace, check_label_space, label_space_of
+
 from .builders import build_dataset, build_evaluator, build_test_loader
 from .checkpoint import CheckpointError, load_checkpoint_file, load_model_state, unwrap_model
 from .pretrained import load_pretrained, read_checkpoint
@@ -32,7 +35,7 @@ def evaluate_model(cfg: Config, model: nn.Module, dataset, *, device: torch.devi
     """Evaluate ``model`` on ``dataset`` (sharded over ranks); returns (metrics, printed tables)."""
     from resdet.evaluation import inference_on_dataset
 
-    evaluator = build_evaluator(cfg, dataset, output_dir=output_dir)
+    evaluator = build_evaluator(cfg, dataset, output_dir=output_dir, label_space=label_space_of(model))
     if evaluator is None:
         return {}, ""
     loader = build_test_loader(cfg, dataset, rank=dist.get_rank(), world_size=dist.get_world_size(),
@@ -58,26 +61,64 @@ def config_for_checkpoint(checkpoint: str | os.PathLike, config: str | os.PathLi
     return apply_overrides(cfg, overrides)
 
 
+def _checkpoint_classes(state: dict[str, torch.Tensor]) -> int | None:
+    """Classes (with background) of a detection checkpoint's box predictor, None when it has none."""
+    for key in ("roi_heads.box_predictor.cls_score.weight", "module.roi_heads.box_predictor.cls_score.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    return None
+
+
 def load_model(cfg: Config, checkpoint: str | os.PathLike, *, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """Build ``cfg``'s model and load ``checkpoint`` (a resdet checkpoint loads strictly; any other
-    goes through :func:`load_pretrained` and its report is printed). Returns (eval-mode model, metadata
-    with ``class_names`` and ``contiguous_to_cat_id`` when the checkpoint has them)."""
-    model = build_model(cfg)
+    """Build ``cfg``'s model and load ``checkpoint``; the model's ``label_space`` says which dataset
+    category id each predicted label stands for.
+
+    A resdet checkpoint loads strictly and brings its label space. Any other goes through
+    :func:`load_pretrained` (its report is printed); a torchvision COCO detection checkpoint (a 91-way box
+    predictor) is evaluated as published: the model is built with its 91 classes whatever
+    ``model.num_classes`` says, and its labels are COCO category ids (:meth:`LabelSpace.torchvision_coco`).
+
+    Returns:
+        (eval-mode model, metadata with ``class_names`` and ``contiguous_to_cat_id`` when the checkpoint
+        has them).
+    """
     state, extras = read_checkpoint(checkpoint, key="--checkpoint")
     meta: dict[str, Any] = {}
+    if cfg.model.backbone_weights is not None:  # the checkpoint brings every weight: no ImageNet file needed
+        cfg = copy.deepcopy(cfg)
+        cfg.model.backbone_weights = None
     if extras:
+        model = build_model(cfg)
         load_model_state(model, state, checkpoint, stored_config=extras.get("config"), config=config_to_dict(cfg))
         meta = {k: extras[k] for k in ("class_names", "contiguous_to_cat_id") if k in extras}
+        model.label_space = LabelSpace.from_checkpoint(extras)
     else:
+        space = None
+        if cfg.model.arch != "semantic_fpn" and _checkpoint_classes(state) == TORCHVISION_COCO_NUM_CLASSES:
+            space = LabelSpace.torchvision_coco()
+            if cfg.model.num_classes != space.num_classes:
+                print(f"{os.fspath(checkpoint)}: torchvision COCO checkpoint (91-way predictor, labels are COCO "
+                      f"category ids): evaluated with its 91 classes instead of model.num_classes="
+                      f"{cfg.model.num_classes}")
+                cfg = copy.deepcopy(cfg)
+                cfg.model.num_classes = space.num_classes
+        model = build_model(cfg)
         print(load_pretrained(model, checkpoint))
+        model.label_space = space
+    if model.label_space is not None:
+        meta["class_names"] = list(model.label_space.class_names)
     return model.to(device).eval(), meta
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | os.PathLike) -> tuple[dict[str, float], str]:
-    """Evaluate ``checkpoint`` on ``cfg``'s validation set (sharded when run under torchrun)."""
+    """Evaluate ``checkpoint`` on ``cfg``'s validation set (sharded when run under torchrun); the COCO
+    results JSON goes to ``train.output_dir``."""
     device = dist.init_distributed(cfg.train.device)
     model, _ = load_model(cfg, checkpoint, device=device)
-    dataset = build_dataset(cfg, train=False)
+    space = label_space_of(model)
+    dataset = build_dataset(cfg, train=False, check_classes=space is None)
+    if space is not None:
+        check_label_space(space, dataset)
     return evaluate_model(cfg, model, dataset, device=device, output_dir=cfg.train.output_dir)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from resdet.data.label_space import checkpoint_label_space, label_space_of, remap_class_rows
+
 from .checkpoint import CheckpointError, load_checkpoint_file
 
 __all__ = ["LoadReport", "load_pretrained", "read_checkpoint", "read_state_dict"]
@@ -43,6 +45,7 @@ class LoadReport:
     skipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    class_rows: str = ""  # how per-class head rows were matched between label spaces
 
     @staticmethod
     def _grouped(keys: list[str], depth: int = 2) -> str:
@@ -54,6 +57,8 @@ class LoadReport:
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors from {self.path} ({self.source})"]
+        if self.class_rows:
+            lines.append(self.class_rows)
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} (shape differs, re-initialised):")
             lines += [f"  {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.skipped]
@@ -114,7 +119,8 @@ def _count_fitting(sd: dict[str, Tensor], target: dict[str, Tensor]) -> int:
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     """Load every checkpoint tensor that fits ``model`` (in place) and report the rest."""
-    sd, is_resdet = read_state_dict(path)
+    sd, extras = read_checkpoint(path)
+    is_resdet = bool(extras)
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     target = model.state_dict()
     if is_resdet:
@@ -129,6 +135,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
         prefix = _body_prefix(list(target))
         sd = {prefix + k: v for k, v in sd.items() if not k.startswith(("fc.", "head.fc.", "classifier."))}
     report = LoadReport(path=os.fspath(path), source=source)
+    model_space = label_space_of(model)
+    source_space = checkpoint_label_space(sd, extras) if model_space else None
+    if source_space is not None and source_space != model_space:  # keep the rows of shared categories
+        sd, report.class_rows = remap_class_rows(sd, target, source_space, model_space)
     fitting = {}
     for k, v in sd.items():
         if k not in target:

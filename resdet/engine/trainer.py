@@ -36,6 +36,8 @@ from resdet.config import Config, config_to_dict, save_config
 from resdet.models import build_model
 
 from . import distributed as dist
+from resdet.data.label_space import LabelSpace
+
 from .builders import build_dataset, build_train_loader, dataset_metadata
 from .checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, load_model_state,
                          restore_rng_state)
@@ -143,6 +145,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- setup
     def _build_model(self) -> nn.Module:
         model = build_model(self.cfg)
+        model.label_space = LabelSpace.from_dataset(self.train_set)  # labels -> the data's category ids
         if self.cfg.model.weights:
             report = load_pretrained(model, self.cfg.model.weights)
             self.logger.info("fine-tuning weights:\n%s", report)
@@ -244,13 +247,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- loop
     def _batches(self) -> Iterator[tuple[list, list]]:
-        per_epoch = len(self.batch_sampler)
-        epoch, offset = divmod(self.batches_done, per_epoch)
-        while True:
-            self.batch_sampler.set_epoch(epoch, start_batch=offset)
-            self.seeded_set.epoch = epoch
-            yield from self.loader
-            epoch, offset = epoch + 1, 0
+        self.batch_sampler.set_start(self.batches_done)  # infinite stream; a resume skips what was done
+        yield from self.loader
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._stop_now:  # inside an evaluation: stop it now

@@ -36,23 +36,29 @@ def instances_to_coco_results(
     contiguous_to_cat_id: dict[int, int] | None,
     *,
     with_masks: bool,
+    cat_ids: set[int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Convert one image's prediction into (bbox results, segm results).
 
     Args:
         output: ``boxes`` [N, 4] xyxy, ``labels`` [N], ``scores`` [N], optional ``masks`` [N, 1, H, W]
             probabilities, all in original image pixels.
-        contiguous_to_cat_id: label → json category id; None keeps labels as ids.
+        contiguous_to_cat_id: label → json category id (the model's label space); None keeps labels as
+            ids. A label it does not map is left out.
         with_masks: also encode masks (requires ``masks`` in ``output``).
+        cat_ids: the dataset's category ids; detections of other categories (e.g. torchvision's "N/A"
+            labels) are left out. None keeps every one.
     """
-    boxes = output["boxes"].detach().float().cpu().numpy().reshape(-1, 4)
-    scores = output["scores"].detach().float().cpu().tolist()
     labels = output["labels"].detach().cpu().tolist()
+    cats = [contiguous_to_cat_id.get(int(lab)) if contiguous_to_cat_id else int(lab) for lab in labels]
+    keep = [i for i, c in enumerate(cats) if c is not None and (cat_ids is None or c in cat_ids)]
+    cats = [cats[i] for i in keep]
+    boxes = output["boxes"].detach().float().cpu().numpy().reshape(-1, 4)[keep]
+    scores = output["scores"].detach().float().cpu()[keep].tolist()
     xywh = boxes.copy()
     xywh[:, 2:] -= xywh[:, :2]
-    cats = [contiguous_to_cat_id[int(lab)] if contiguous_to_cat_id else int(lab) for lab in labels]
     bbox_results = [
-        {"image_id": int(image_id), "category_id": c, "bbox": [float(v) for v in b], "score": float(s)}
+        {"image_id": int(image_id), "category_id": int(c), "bbox": [float(v) for v in b], "score": float(s)}
         for b, c, s in zip(xywh, cats, scores)
     ]
     segm_results: list[dict[str, Any]] = []
@@ -60,7 +66,7 @@ def instances_to_coco_results(
         if "masks" not in output:
             raise KeyError("segm evaluation needs 'masks' in the model output; got keys "
                            f"{sorted(output)} (set eval.iou_types=[bbox] for a box-only model)")
-        masks = output["masks"].detach().float().cpu()
+        masks = output["masks"].detach().float().cpu()[keep]
         binary = (masks[:, 0] >= 0.5).numpy().astype(np.uint8)  # [N, H, W]
         for m, c, s in zip(binary, cats, scores):
             rle = mask_utils.encode(np.asfortranarray(m))
@@ -89,11 +95,13 @@ class COCOEvaluator(DatasetEvaluator):
         self.contiguous_to_cat_id = contiguous_to_cat_id
         self.iou_types = tuple(iou_types)
         self.output_dir = output_dir
+        self._cat_ids = set(coco_gt.getCatIds())
         self._summary = ""
         self.reset()
 
     def reset(self) -> None:
         self._image_ids: list[int] = []
+        self._dropped = 0  # detections whose label maps to no category of the ground truth
         self._results: dict[str, list[dict[str, Any]]] = {t: [] for t in self.iou_types}
         self._summary = ""
 
@@ -103,7 +111,8 @@ class COCOEvaluator(DatasetEvaluator):
                 raise KeyError(f"COCO evaluation needs 'image_id' in each target; got keys {sorted(target)}")
             image_id = int(target["image_id"])
             bbox, segm = instances_to_coco_results(image_id, output, self.contiguous_to_cat_id,
-                                                   with_masks="segm" in self.iou_types)
+                                                   with_masks="segm" in self.iou_types, cat_ids=self._cat_ids)
+            self._dropped += len(output["labels"]) - len(bbox)
             self._image_ids.append(image_id)
             if "bbox" in self.iou_types:
                 self._results["bbox"] += bbox
@@ -111,11 +120,12 @@ class COCOEvaluator(DatasetEvaluator):
                 self._results["segm"] += segm
 
     def _gather(self) -> tuple[list[int], dict[str, list[dict[str, Any]]]]:
-        gathered = dist.all_gather_object((self._image_ids, self._results))
+        gathered = dist.all_gather_object((self._image_ids, self._results, self._dropped))
+        self._dropped_total = sum(g[2] for g in gathered)
         image_ids: list[int] = []
         results: dict[str, list[dict[str, Any]]] = {t: [] for t in self.iou_types}
         seen: set[int] = set()
-        for ids, res in gathered:
+        for ids, res, _ in gathered:
             fresh = set(ids) - seen  # a padded sampler may repeat an image on two ranks: count it once
             image_ids += sorted(fresh)
             for t in self.iou_types:
@@ -135,8 +145,13 @@ class COCOEvaluator(DatasetEvaluator):
                 lines.append(f"Evaluate annotation type *{iou_type}* ({len(image_ids)} images)\n{text}")
                 if self.output_dir is not None:
                     Path(self.output_dir).mkdir(parents=True, exist_ok=True)
-                    with open(Path(self.output_dir) / f"coco_{iou_type}_results.json", "w") as f:
+                    path = Path(self.output_dir) / f"coco_{iou_type}_results.json"
+                    with open(path, "w") as f:
                         json.dump(results[iou_type], f)
+                    lines.append(f"{iou_type} results (dataset category ids): {path}")
+            if self._dropped_total:
+                lines.append(f"{self._dropped_total} detections left out: their label maps to no category "
+                             f"of the ground truth")
         metrics, summary = dist.broadcast_object((metrics, "\n".join(lines)))
         self._summary = summary
         return metrics
