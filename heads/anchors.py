@@ -81,7 +81,8 @@ class AnchorGenerator(nn.Module):
             feature_maps: per level Tensor[N, C, Hl, Wl].
 
         Returns:
-            Tensor[A_total, 4] in the dtype and on the device of the features.
+            float32 Tensor[A_total, 4] on the device of the features (float32 whatever the features'
+            dtype: box math stays in float32 under autocast).
         """
         if len(feature_maps) != len(self.cell_anchors):
             raise ValueError(
@@ -90,7 +91,7 @@ class AnchorGenerator(nn.Module):
             )
         grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps]
         strides = [(int(image_size[0]) // g[0], int(image_size[1]) // g[1]) for g in grid_sizes]
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        dtype, device = torch.float32, feature_maps[0].device
         key = (tuple(grid_sizes), tuple(strides), dtype, device)
         anchors = self._cache.get(key)
         if anchors is None:

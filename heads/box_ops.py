@@ -9,6 +9,10 @@ Shape shorthand:
 Numerics follow torchvision's ``models/detection/_utils.py`` operation by operation (same rounding), so
 parity with torchvision's detectors holds to float precision. Encoding and decoding are elementwise, so
 callers may encode or decode only the boxes they need and get bit-identical values.
+
+Box math runs in float32 whatever the autocast dtype (as detectron2 does): ``encode`` and ``decode``
+cast float16/bfloat16 inputs to float32 (float64 stays float64). In bfloat16 (8 mantissa bits) a coordinate near 800
+moves in steps of 4 px: a right edge meant to be 802.3 would land at 804.0.
 """
 import math
 
@@ -20,6 +24,10 @@ from torchvision.ops import generalized_box_iou_loss
 __all__ = ["BoxCoder", "Matcher", "BalancedPositiveNegativeSampler", "box_regression_loss", "BOX_LOSSES"]
 
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class BoxCoder:
@@ -50,8 +58,9 @@ class BoxCoder:
             reference_boxes: anchors or proposals, broadcastable to ``boxes``.
 
         Returns:
-            Tensor[..., 4] of deltas.
+            Tensor[..., 4] (float32 at least) of deltas.
         """
+        boxes, reference_boxes = _at_least_fp32(boxes), _at_least_fp32(reference_boxes)  # module docstring
         wx, wy, ww, wh = self.weights
         ex_widths = reference_boxes[..., 2] - reference_boxes[..., 0]
         ex_heights = reference_boxes[..., 3] - reference_boxes[..., 1]
@@ -77,9 +86,9 @@ class BoxCoder:
             reference_boxes: broadcastable to ``deltas``, e.g. [R, 4] or [R, 1, 4].
 
         Returns:
-            Tensor of ``deltas``' broadcast shape, boxes ``(x1, y1, x2, y2)``.
+            Tensor (float32 at least) of ``deltas``' broadcast shape, boxes ``(x1, y1, x2, y2)``.
         """
-        reference_boxes = reference_boxes.to(deltas.dtype)
+        deltas, reference_boxes = _at_least_fp32(deltas), _at_least_fp32(reference_boxes)  # module docstring
         wx, wy, ww, wh = self.weights
         widths = reference_boxes[..., 2] - reference_boxes[..., 0]
         heights = reference_boxes[..., 3] - reference_boxes[..., 1]

@@ -237,6 +237,7 @@ class RoIHeads(nn.Module):
         self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
         """Softmax, per-class decode, clip, score threshold, drop tiny boxes, per-class NMS, top detections."""
+        class_logits, box_regression = class_logits.float(), box_regression.float()  # float32 under autocast
         num_classes = class_logits.shape[-1]
         scores_all = F.softmax(class_logits, -1)
         deltas_all = box_regression.reshape(box_regression.shape[0], num_classes, 4)  # [R, K, 4]

@@ -163,8 +163,8 @@ class RegionProposalNetwork(nn.Module):
         Returns:
             Per image the proposals Tensor[P, 4] and their objectness probabilities Tensor[P].
         """
-        objectness = objectness.detach()
-        deltas = deltas.detach()
+        objectness = objectness.detach().float()  # scores, decoding and NMS in float32 under autocast
+        deltas = deltas.detach().float()
         num_images = objectness.shape[0]
         device = objectness.device
         top_idx, level_ids, offset = [], [], 0

@@ -124,3 +124,23 @@ def test_pooler_equals_torchvision(aligned):
         theirs = TVMultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(tv_feats, boxes, sizes)
         assert torch.equal(ours, theirs)
     assert ours.shape == (70, 8, 7, 7)
+
+
+def test_box_math_stays_float32_under_bf16():
+    """A bf16 right edge of 802.3 would be 804.0; decoding, anchors and the detector output stay float32."""
+    from resdet.heads.anchors import AnchorGenerator
+    from resdet.models import faster_rcnn
+
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    ref = torch.tensor([[10.0, 20.0, 802.3, 600.0]])
+    out = coder.decode(torch.zeros(1, 4, dtype=torch.bfloat16), ref)
+    assert out.dtype == torch.float32 and out[0, 2].item() == ref[0, 2].item()
+    assert coder.encode(ref.bfloat16(), ref).dtype == torch.float32
+    anchors = AnchorGenerator(((32,),), ((1.0,),))((64, 64), [torch.zeros(1, 8, 16, 16, dtype=torch.bfloat16)])
+    assert anchors.dtype == torch.float32
+    torch.manual_seed(0)
+    model = faster_rcnn("resnet18", num_classes=3, min_size=64, max_size=64, box_score_thresh=0.0,
+                        rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        det = model([torch.rand(3, 64, 64)])[0]
+    assert det["boxes"].dtype == torch.float32 and det["scores"].dtype == torch.float32 and len(det["boxes"])
