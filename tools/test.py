@@ -7,7 +7,11 @@ Examples::
     python tools/test.py --config configs/coco/mask_rcnn_r50_fpn_1x.yaml --checkpoint tv_model.pth data.root=/data/coco
     torchrun --nproc_per_node=4 tools/test.py --config ... --checkpoint ...   # sharded, results gathered
 
-The checkpoint may be a resdet checkpoint or a torchvision detection checkpoint (converted on load).
+The checkpoint may be a resdet checkpoint or a torchvision detection checkpoint (converted on load; a 91-way
+torchvision COCO model predicts COCO category ids and is evaluated as such). The COCO results JSON
+(``coco_bbox_results.json``, ``coco_segm_results.json`` with RLE masks, in the dataset's category ids,
+ready for the COCO evaluation server) is written to ``train.output_dir``; ``--json`` writes the metrics
+(``bbox/AP``, ``segm/AP``, ...).
 """
 from __future__ import annotations
 
