@@ -37,7 +37,7 @@ setup(
         "torchvision>=0.19",
         "timm>=1.0",
         "pycocotools>=2.0.7",
-        "albumentations>=1.4",
+        "albumentations>=2.0.2",
         "pyyaml>=6.0",
         "tqdm>=4.60",
     ],

@@ -75,7 +75,25 @@ def test_offline_imagenet_file_one_clear_message(monkeypatch, tmp_path):
     assert hub_cache_path(url).startswith(str(tmp_path / "torch_home"))
 
 
-def test_offline_train_exits_nonzero_before_training_without_traceback(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def keep_resdet_logger():
+    """tools/train.py sets up the "resdet" logger (stderr of this test, propagate off): undo it afterwards."""
+    import logging
+
+    log = logging.getLogger("resdet")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    for h in list(log.handlers):
+        if h not in saved[0]:
+            log.removeHandler(h)
+            h.close()
+    log.handlers[:] = saved[0]
+    log.setLevel(saved[1])
+    log.propagate = saved[2]
+
+
+def test_offline_train_exits_nonzero_before_training_without_traceback(monkeypatch, tmp_path, capsys,
+                                                                        keep_resdet_logger):
     from test_label_space import _arrays, _write_coco
 
     _offline(monkeypatch, tmp_path)

@@ -143,3 +143,26 @@ def test_bad_arguments():
         build_transforms(train=True, large_scale_jitter=(2.0, 1.0), max_size=64)
     with pytest.raises(ValueError, match="max_size"):
         build_transforms(train=True, large_scale_jitter=(0.5, 1.0))
+
+
+def test_resize_uses_only_albumentations_public_api():
+    import albumentations as A
+
+    from resdet.data.transforms import ResizeShortestEdge
+
+    assert ResizeShortestEdge.__bases__ == (A.DualTransform,)  # no internal base class (breaks on upgrades)
+    masks = np.zeros((2, 40, 80), np.uint8)
+    masks[0, 10:20, 20:40] = 1
+    out = A.Compose([ResizeShortestEdge([20], 100)])(image=np.zeros((40, 80, 3), np.uint8), masks=masks)
+    assert out["image"].shape == (20, 40, 3) and np.asarray(out["masks"]).shape == (2, 20, 40)
+    assert np.asarray(out["masks"])[0].sum() == 50
+
+
+def test_masks_to_boxes_pixel_edges():
+    from resdet.data import masks_to_boxes
+
+    m = np.zeros((3, 5, 6), np.uint8)
+    m[0, 1, 2] = 1
+    m[2, 0:3, 1:6] = 1
+    assert masks_to_boxes(m).tolist() == [[2, 1, 3, 2], [0, 0, 0, 0], [1, 0, 6, 3]]
+    assert masks_to_boxes(np.zeros((0, 5, 6), np.uint8)).shape == (0, 4)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.ops import masks_to_boxes as tv_masks_to_boxes
 
 from .image_io import image_to_tensor
 
@@ -55,14 +56,16 @@ def sanitize_box(box: list[float] | np.ndarray, height: int, width: int) -> tupl
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """Tight xyxy boxes (pixel-edge convention: a one-pixel mask at (x, y) gives [x, y, x+1, y+1])."""
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for i, mask in enumerate(masks):
-        ys = np.flatnonzero(mask.any(axis=1))
-        xs = np.flatnonzero(mask.any(axis=0))
-        if len(xs):
-            boxes[i] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
-    return boxes
+    """Tight xyxy boxes of uint8/bool masks ``[N, H, W]`` (pixel-edge convention: a one-pixel mask at
+    (x, y) gives [x, y, x+1, y+1]; an empty mask gives zeros). torchvision's inclusive-corner version plus
+    one on the far corner."""
+    masks = np.asarray(masks)
+    if masks.size == 0:
+        return np.zeros((len(masks), 4), dtype=np.float32)
+    boxes = tv_masks_to_boxes(torch.from_numpy(masks.astype(bool, copy=False))).numpy()
+    nonempty = masks.reshape(len(masks), -1).any(axis=1)
+    boxes[nonempty, 2:] += 1.0
+    return boxes.astype(np.float32, copy=False)
 
 
 def select_instances(target: dict[str, Any], keep: np.ndarray) -> dict[str, Any]:

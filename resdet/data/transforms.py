@@ -16,16 +16,18 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch.utils.data
-from albumentations.augmentations.geometric.resize import MaxSizeTransform
 
 from .base import IGNORE_LABEL, masks_to_boxes, select_instances
 
 __all__ = ["ResizeShortestEdge", "DetectionTransforms", "build_transforms"]
 
 
-class ResizeShortestEdge(MaxSizeTransform):
+class ResizeShortestEdge(A.DualTransform):
     """Resizes so the shorter side equals one of ``min_sizes`` (chosen at random per call), unless that
     makes the longer side exceed ``max_size``, in which case the longer side becomes ``max_size``.
+
+    Built on albumentations' public ``DualTransform`` only (image bilinear, masks nearest; boxes travel in
+    albumentations' normalised coordinates, which a resize leaves unchanged).
 
     Args:
         min_sizes: candidate shorter-side lengths, or None to only cap the longer side (never upscaling).
@@ -35,16 +37,32 @@ class ResizeShortestEdge(MaxSizeTransform):
     def __init__(self, min_sizes: Sequence[int] | None, max_size: int | None = None, *, p: float = 1.0) -> None:
         if min_sizes is None and max_size is None:
             raise ValueError("ResizeShortestEdge needs min_sizes or max_size")
-        super().__init__(max_size=list(min_sizes) if min_sizes is not None else [max_size], p=p)
+        super().__init__(p=p)
         self.min_sizes = None if min_sizes is None else list(min_sizes)
-        self.cap = max_size
+        self.max_size = max_size
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
         scale = 1.0 if self.min_sizes is None else self.py_random.choice(self.min_sizes) / min(height, width)
-        if self.cap is not None and scale * max(height, width) > self.cap:
-            scale = self.cap / max(height, width)
-        return {"scale": scale}
+        if self.max_size is not None and scale * max(height, width) > self.max_size:
+            scale = self.max_size / max(height, width)
+        # cv2 takes (width, height); int() truncates as albumentations' own scale transforms do.
+        return {"size": (max(1, int(width * scale)), max(1, int(height * scale)))}
+
+    def apply(self, img: np.ndarray, size: tuple[int, int] = (0, 0), **params: Any) -> np.ndarray:
+        return img if img.shape[1::-1] == size else cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int] = (0, 0), **params: Any) -> np.ndarray:
+        return mask if mask.shape[1::-1] == size else cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+
+    def apply_to_masks(self, masks: np.ndarray, size: tuple[int, int] = (0, 0), **params: Any) -> np.ndarray:
+        return np.stack([self.apply_to_mask(m, size) for m in masks]) if len(masks) else masks
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, **params: Any) -> np.ndarray:
+        return bboxes  # normalised coordinates
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("min_sizes", "max_size")
 
 
 class DetectionTransforms:
