@@ -161,3 +161,22 @@ def test_bad_polygons_counted_and_annotation_read_without_image(tmp_path):
     os.remove(os.path.join(image_dir, "a.png"))  # evaluation ground truth needs no image decoding
     target = ds.get_annotation(0)
     assert target["labels"].tolist() == [1] and target["masks"][0].sum() > 150
+
+
+def test_one_load_for_every_dataset():
+    from resdet.data import CityscapesDataset, VOCDataset
+    from resdet.data.base import DetectionDatasetBase
+
+    for cls in (CocoDataset, VOCDataset, CityscapesDataset):
+        assert cls.load is DetectionDatasetBase.load
+
+
+def test_dark_16bit_png_keeps_its_16bit_scale(tmp_path):
+    """A 16-bit image whose values stay below 256 is dark, not scaled as if it were 8-bit."""
+    array = np.full((4, 5), 200, dtype=np.uint16)
+    array[0, 0] = 65535
+    Image.fromarray(array).save(tmp_path / "dark.png")
+    image = read_image(str(tmp_path / "dark.png"))
+    assert image.shape == (4, 5, 3) and image[1, 1, 0] == 1 and image[0, 0, 0] == 255  # 200/257 -> 1
+    Image.fromarray(np.full((4, 5), 200, dtype=np.uint16)).save(tmp_path / "dark2.png")
+    assert read_image(str(tmp_path / "dark2.png")).max() == 1

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.ops import masks_to_boxes as tv_masks_to_boxes
 
-from .image_io import image_to_tensor
+from .image_io import ImageReadError, image_to_tensor, read_image
 
 __all__ = ["PER_INSTANCE_KEYS", "IGNORE_LABEL", "DetectionDatasetBase", "sanitize_box", "select_instances",
            "target_to_tensors", "masks_to_boxes"]
@@ -97,7 +97,8 @@ class DetectionDatasetBase(Dataset):
     """Shared ``__getitem__``: load → numpy target → transforms → tensors.
 
     Subclasses fill ``self.records`` (one dict per image, with at least ``height`` and ``width``), set
-    ``self.skipped`` (a Counter of what was dropped while building) and implement ``load(index)``.
+    ``self.skipped`` (a Counter of what was dropped while building) and implement ``load_target(index)``;
+    ``load`` (image + target + size check) is shared.
     """
 
     records: list[dict[str, Any]]
@@ -110,9 +111,32 @@ class DetectionDatasetBase(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
-        """Returns the untransformed ``(image uint8 [H, W, 3], numpy target)`` for one item."""
+    def load_target(self, index: int) -> dict[str, Any]:
+        """The untransformed numpy target of one item, without decoding its image."""
         raise NotImplementedError
+
+    def _item_name(self, record: dict[str, Any]) -> str:
+        """How error messages name an item (besides its index and file)."""
+        return f"image id {record.get('image_id')}"
+
+    def _expected_size(self, record: dict[str, Any], target: dict[str, Any]) -> tuple[tuple[int, int], str]:
+        """``((height, width), what says so)`` that the decoded image must match."""
+        return (int(record["height"]), int(record["width"])), "its annotation"
+
+    def load(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Returns the untransformed ``(image uint8 [H, W, 3], numpy target)`` for one item: the image of
+        ``records[index]["path"]``, the target of :meth:`load_target`, and a check that their sizes agree."""
+        record = self.records[index]
+        try:
+            image = read_image(record["path"])
+        except ImageReadError as err:
+            raise ImageReadError(f"{type(self).__name__}[{index}] ({self._item_name(record)}): {err}") from err
+        target = self.load_target(index)
+        (height, width), source = self._expected_size(record, target)
+        if image.shape[:2] != (height, width):
+            raise ImageReadError(f"{record['path']!r} is {image.shape[0]}x{image.shape[1]} (HxW) but {source} says "
+                                 f"{height}x{width}")
+        return image, target
 
     def get_image_size(self, index: int) -> tuple[int, int]:
         """(height, width) of an item's image from the annotations, without reading the image."""
@@ -120,9 +144,8 @@ class DetectionDatasetBase(Dataset):
         return int(record["height"]), int(record["width"])
 
     def get_annotation(self, index: int) -> dict[str, torch.Tensor]:
-        """The untransformed target in original image pixels (for evaluation), without image decoding
-        where the subclass can avoid it."""
-        return target_to_tensors(self.load(index)[1])
+        """The untransformed target in original image pixels (for evaluation), without image decoding."""
+        return target_to_tensors(self.load_target(index))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         if not 0 <= index < len(self):

@@ -9,12 +9,11 @@ import os
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
-from .base import DetectionDatasetBase, Transform, masks_to_boxes, target_to_tensors
+from .base import DetectionDatasetBase, Transform, masks_to_boxes
 from .cityscapes_labels import LABEL_ID_TO_THING, THING_NAMES, TRAIN_ID_NAMES, label_ids_to_train_ids
-from .image_io import ImageReadError, read_image, read_label_map
+from .image_io import read_label_map
 
 __all__ = ["CityscapesDataset"]
 
@@ -116,18 +115,9 @@ class CityscapesDataset(DetectionDatasetBase):
         return (np.array([LABEL_ID_TO_THING[v] for v in values], dtype=np.int64),
                 np.stack(masks) if masks else np.zeros((0, *ids_map.shape), dtype=np.uint8))
 
-    def load(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
-        record = self.records[index]
-        try:
-            image = read_image(record["path"])
-        except ImageReadError as err:
-            raise ImageReadError(f"CityscapesDataset[{index}]: {err}") from err
-        target = self.load_target(index)
-        label_shape = target["sem_seg"].shape if "sem_seg" in target else target["masks"].shape[1:]
-        if image.shape[:2] != tuple(label_shape):
-            raise ImageReadError(f"{record['path']!r} is {image.shape[:2]} but its gtFine maps are {label_shape}")
-        return image, target
+    def _item_name(self, record: dict[str, Any]) -> str:
+        return os.path.basename(record["path"])
 
-    def get_annotation(self, index: int) -> dict[str, torch.Tensor]:
-        """Untransformed target in original pixels, without decoding the image."""
-        return target_to_tensors(self.load_target(index))
+    def _expected_size(self, record: dict[str, Any], target: dict[str, Any]) -> tuple[tuple[int, int], str]:
+        shape = target["sem_seg"].shape if "sem_seg" in target else target["masks"].shape[1:]
+        return (int(shape[0]), int(shape[1])), "its gtFine maps"

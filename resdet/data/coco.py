@@ -14,12 +14,11 @@ import os
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from .base import DetectionDatasetBase, Transform, sanitize_box, target_to_tensors
-from .image_io import ImageReadError, read_image, read_label_map
+from .base import DetectionDatasetBase, Transform, sanitize_box
+from .image_io import ImageReadError, read_label_map
 
 __all__ = ["CocoDataset", "load_coco"]
 
@@ -185,17 +184,5 @@ class CocoDataset(DetectionDatasetBase):
             target["sem_seg"] = sem
         return target
 
-    def load(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
-        record = self.records[index]
-        try:
-            image = read_image(record["path"])
-        except ImageReadError as err:
-            raise ImageReadError(f"{type(self).__name__}[{index}] (image id {record['image_id']}): {err}") from err
-        if image.shape[:2] != (record["height"], record["width"]):
-            raise ImageReadError(f"{record['path']!r} is {image.shape[0]}x{image.shape[1]} (HxW) but "
-                                 f"{self.ann_file} says {record['height']}x{record['width']}")
-        return image, self.load_target(index)
-
-    def get_annotation(self, index: int) -> dict[str, torch.Tensor]:
-        """Untransformed (non-crowd) target in original pixels, without decoding the image."""
-        return target_to_tensors(self.load_target(index))
+    def _expected_size(self, record: dict[str, Any], target: dict[str, Any]) -> tuple[tuple[int, int], str]:
+        return (record["height"], record["width"]), self.ann_file

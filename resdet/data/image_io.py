@@ -38,9 +38,9 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.floating):
         return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    # 16-bit (or wider) integer images: keep the top 8 bits of a 16-bit range.
-    high = 65535.0 if array.max(initial=0) > 255 else 255.0
-    return (array.astype(np.float64) * (255.0 / high) + 0.5).clip(0, 255).astype(np.uint8)
+    # 16-bit (or wider) integer images: the 16-bit range maps onto 8 bits whatever the content (a dark
+    # 16-bit image stays dark; guessing the range from the maximum would turn it white).
+    return (array.astype(np.float64) * (255.0 / 65535.0) + 0.5).clip(0, 255).astype(np.uint8)
 
 
 def read_image(path: str) -> np.ndarray:

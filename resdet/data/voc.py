@@ -20,7 +20,7 @@ from PIL import Image
 
 from .base import IGNORE_LABEL, DetectionDatasetBase, Transform, masks_to_boxes, sanitize_box, select_instances, \
     target_to_tensors
-from .image_io import ImageReadError, read_image, read_label_map
+from .image_io import read_label_map
 
 __all__ = ["VOC_CLASSES", "VOCDataset", "voc_image_id", "voc_split_file"]
 
@@ -201,17 +201,8 @@ class VOCDataset(DetectionDatasetBase):
             target = select_instances(target, ~target["difficult"])
         return target
 
-    def load(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
-        record = self.records[index]
-        try:
-            image = read_image(record["path"])
-        except ImageReadError as err:
-            raise ImageReadError(f"VOCDataset[{index}] ({record['file_id']}): {err}") from err
-        target = self.load_target(index)
-        if image.shape[:2] != (record["height"], record["width"]):
-            raise ImageReadError(f"{record['path']!r} is {image.shape[0]}x{image.shape[1]} (HxW) but its "
-                                 f"annotation says {record['height']}x{record['width']}")
-        return image, target
+    def _item_name(self, record: dict[str, Any]) -> str:
+        return record["file_id"]
 
     def get_annotation(self, index: int) -> dict[str, torch.Tensor]:
         """Every object (difficult ones included, flagged) in original pixels; no image decoding."""
