@@ -166,21 +166,6 @@ class RoIHeads(nn.Module):
     def has_mask(self) -> bool:
         return self.mask_roi_pool is not None and self.mask_head is not None and self.mask_predictor is not None
 
-    def _check_targets(self, targets: Optional[list[dict[str, Tensor]]], num_images: int) -> None:
-        if targets is None:
-            raise ValueError("RoIHeads in training mode needs targets (list of dicts with 'boxes', 'labels')")
-        if len(targets) != num_images:
-            raise ValueError(f"RoIHeads got {len(targets)} targets for {num_images} images")
-        keys = ("boxes", "labels", "masks") if self.has_mask else ("boxes", "labels")
-        for i, t in enumerate(targets):
-            for key in keys:
-                if key not in t:
-                    raise ValueError(f"target {i} has no {key!r} (keys: {sorted(t)})")
-            if not t["boxes"].is_floating_point():
-                raise ValueError(f"target {i} boxes must be floating point, got {t['boxes'].dtype}")
-            if t["labels"].dtype != torch.int64:
-                raise ValueError(f"target {i} labels must be int64, got {t['labels'].dtype}")
-
     def select_training_samples(
         self, proposals: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
@@ -290,7 +275,6 @@ class RoIHeads(nn.Module):
         if len(proposals) != len(image_sizes):
             raise ValueError(f"RoIHeads got {len(proposals)} proposal lists for {len(image_sizes)} images")
         if self.training:
-            self._check_targets(targets, len(proposals))
             proposals, matched_idxs, labels, matched_gt_boxes = self.select_training_samples(proposals, targets)
 
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))

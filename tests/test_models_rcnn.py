@@ -141,6 +141,10 @@ def _bad(index, **changes):
         (dict(image=torch.rand(1, 64, 48)), r"image 1: expected 3 channels, got 1"),
         (dict(image=torch.rand(64, 48)), r"image 1: .*rank 3.*\(64, 48\)"),
         (dict(image=torch.rand(1, 3, 64, 48)), r"image 1: .*rank 3"),
+        (dict(labels=torch.tensor([1, 2], dtype=torch.int32)), r"image 1: labels must be int64, got dtype torch.int32"),
+        (dict(image=torch.rand(3, 64, 48).index_put_((torch.tensor([0]),) * 3, torch.tensor(float("nan")))),
+         r"image 1: 1 of 9216 pixel values are NaN or infinite"),
+        (dict(image=torch.full((3, 64, 48), float("inf"))), r"image 1: 9216 of 9216 pixel values are NaN or infinite"),
     ],
 )
 def test_bad_input_raises_before_any_computation(case, pattern):
@@ -175,3 +179,28 @@ def test_builder_defaults_match_torchvision_and_unknown_options():
         faster_rcnn("resnet18", min_sise=3)
     with pytest.raises(TypeError, match=r"\['bogus'\]"):
         mask_rcnn("resnet18", bogus=1)
+
+
+def test_nan_pixels_are_named_in_evaluation_too():
+    model = _model("faster").eval()
+    images, _ = _data()
+    images[1] = images[1].clone()
+    images[1][2, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="image 1: 1 of 9216 pixel values are NaN or infinite"):
+        model(images)
+
+
+@pytest.mark.parametrize("arch", ["faster", "mask"])
+def test_float64_images_are_computed_in_float32(arch):
+    """numpy's default dtype: the transform converts it, the convolutions see float32."""
+    torch.manual_seed(0)
+    model = _model(arch).eval()
+    images, targets = _data(with_masks=arch == "mask")
+    with torch.no_grad():
+        expected = model([im.double().float() for im in images])
+        got = model([im.double() for im in images])
+    for e, g in zip(expected, got):
+        assert g["boxes"].dtype == torch.float32
+        torch.testing.assert_close(g["boxes"], e["boxes"])
+    losses = model.train()([im.double() for im in images], targets)
+    assert all(torch.isfinite(v) for v in losses.values())

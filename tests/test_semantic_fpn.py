@@ -174,6 +174,22 @@ def test_bad_input_is_named():
         model(images, [{"sem_seg": targets[0]["sem_seg"].float()}])
     with pytest.raises(ValueError, match="'sem_seg'"):
         model(images, [{"boxes": torch.zeros(0, 4)}])
+    nan = images[0].clone()
+    nan[1, 3, 4] = float("inf")
+    with pytest.raises(ValueError, match="image 1: 1 of 3072 pixel values are NaN or infinite"):
+        model([images[0], nan], targets * 2)
+    with pytest.raises(ValueError, match="image 0: 1 of 3072 pixel values are NaN or infinite"):
+        model.eval()([nan])
+
+
+def test_float64_images_run_in_float32():
+    model = _model().eval()
+    images, _ = _batch([(32, 40)])
+    with torch.no_grad():
+        expected = model(images, return_logits=True)[0]["sem_seg_logits"]
+        got = model([images[0].double()], return_logits=True)[0]["sem_seg_logits"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
 
 
 def test_training_crop_and_rescale_keep_labels_aligned():

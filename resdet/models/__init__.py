@@ -7,11 +7,12 @@ a semantic FPN; each is registered under its ``model.arch`` name (``registry.py`
 Mask R-CNN (model or checkpoint) into an equivalent resdet detector.
 """
 from .builders import faster_rcnn, mask_rcnn
-from .rcnn import GeneralizedRCNN, validate_inputs
+from .rcnn import GeneralizedRCNN
 from .registry import arch_names, arch_options, build_model, get_arch, register_arch
 from .semantic_fpn import SemanticFPN, SemSegTransform, semantic_fpn
 from .torchvision_compat import convert_torchvision_state_dict, from_torchvision
 from .transform import DetectionTransform
+from .validation import validate_inputs
 
 __all__ = [
     "DetectionTransform",

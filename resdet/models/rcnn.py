@@ -7,102 +7,13 @@ Shape shorthand:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NoReturn
-
 import torch
 from torch import Tensor, nn
 
 from .transform import DetectionTransform
+from .validation import validate_inputs
 
-__all__ = ["GeneralizedRCNN", "validate_inputs"]
-
-
-def _fail(index: int, what: str) -> NoReturn:
-    raise ValueError(f"image {index}: {what}")
-
-
-def validate_inputs(
-    images: Sequence[Tensor],
-    targets: Sequence[dict[str, Tensor]] | None,
-    *,
-    num_classes: int,
-    in_chans: int,
-    training: bool,
-    require_masks: bool = False,
-) -> None:
-    """Checks a detector's inputs and raises ``ValueError`` naming the image index and the bad value.
-
-    Args:
-        images: list of Tensor[C, H, W], floating point in [0, 1].
-        targets: per-image dicts with ``boxes`` (Tensor[G, 4] xyxy, x2 > x1 and y2 > y1), ``labels``
-            (int64 Tensor[G] in 1..num_classes-1) and, for Mask R-CNN, ``masks`` (Tensor[G, H, W]).
-            Required when ``training``.
-        num_classes: classes including background.
-        in_chans: expected C.
-        training: whether targets are required.
-        require_masks: whether ``masks`` must be present in every target (Mask R-CNN training).
-    """
-    if isinstance(images, Tensor) or not isinstance(images, (list, tuple)):
-        raise ValueError(f"images must be a list of Tensor[C, H, W], got {type(images).__name__}")
-    if len(images) == 0:
-        raise ValueError("images is an empty list; expected at least one Tensor[C, H, W]")
-    for i, image in enumerate(images):
-        if not isinstance(image, Tensor):
-            _fail(i, f"expected a Tensor[C, H, W], got {type(image).__name__}")
-        if image.dim() != 3:
-            _fail(i, f"expected a Tensor[C, H, W] of rank 3, got shape {tuple(image.shape)}")
-        if not image.is_floating_point():
-            _fail(i, f"expected a floating point image in [0, 1], got dtype {image.dtype}")
-        if image.shape[0] != in_chans:
-            _fail(i, f"expected {in_chans} channels, got {image.shape[0]} (shape {tuple(image.shape)})")
-        if image.shape[1] == 0 or image.shape[2] == 0:
-            _fail(i, f"empty image of shape {tuple(image.shape)}")
-    if targets is None:
-        if training:
-            raise ValueError("targets are required in training mode (model.train()); got None")
-        return
-    if len(targets) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(targets)} targets")
-    for i, (image, target) in enumerate(zip(images, targets)):
-        if not isinstance(target, dict):
-            _fail(i, f"target must be a dict, got {type(target).__name__}")
-        for key in ("boxes", "labels"):
-            if key not in target:
-                _fail(i, f"target is missing '{key}' (keys: {sorted(target)})")
-        boxes, labels = target["boxes"], target["labels"]
-        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
-            _fail(i, f"boxes must be a Tensor[G, 4], got {getattr(boxes, 'shape', type(boxes).__name__)}")
-        if not boxes.is_floating_point():
-            _fail(i, f"boxes must be floating point xyxy pixels, got dtype {boxes.dtype}")
-        if not isinstance(labels, Tensor) or labels.dim() != 1:
-            _fail(i, f"labels must be a Tensor[G], got {getattr(labels, 'shape', type(labels).__name__)}")
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            _fail(i, f"labels must be an integer tensor, got dtype {labels.dtype}")
-        if labels.shape[0] != boxes.shape[0]:
-            _fail(i, f"{boxes.shape[0]} boxes but {labels.shape[0]} labels")
-        if boxes.numel():
-            if not torch.isfinite(boxes).all():
-                bad = int(torch.nonzero(~torch.isfinite(boxes).all(dim=1))[0])
-                _fail(i, f"box {bad} is not finite: {boxes[bad].tolist()}")
-            degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-            if degenerate.any():
-                bad = int(torch.nonzero(degenerate)[0])
-                _fail(i, f"box {bad} is degenerate (needs x2 > x1 and y2 > y1): {boxes[bad].tolist()}")
-            out_of_range = (labels < 1) | (labels >= num_classes)
-            if out_of_range.any():
-                bad = int(torch.nonzero(out_of_range)[0])
-                _fail(i, f"label {int(labels[bad])} of object {bad} is outside 1..{num_classes - 1}")
-        if "masks" in target:
-            masks = target["masks"]
-            if not isinstance(masks, Tensor) or masks.dim() != 3:
-                _fail(i, f"masks must be a Tensor[G, H, W], got {getattr(masks, 'shape', type(masks).__name__)}")
-            if masks.shape[0] != boxes.shape[0]:
-                _fail(i, f"{boxes.shape[0]} boxes but {masks.shape[0]} masks")
-            if tuple(masks.shape[-2:]) != tuple(image.shape[-2:]):
-                _fail(i, f"masks are {tuple(masks.shape[-2:])} but the image is {tuple(image.shape[-2:])}")
-        elif require_masks and training:
-            _fail(i, "target is missing 'masks' (Tensor[G, H, W] uint8), required to train Mask R-CNN")
+__all__ = ["GeneralizedRCNN"]
 
 
 class GeneralizedRCNN(nn.Module):

@@ -25,9 +25,9 @@ from resdet.backbones.fpn import build_resnet_fpn
 from resdet.backbones.shape_spec import ShapeSpec
 from resdet.heads.semantic_head import SemanticFPNHead
 
-from .rcnn import validate_inputs
+from .validation import check_images, check_sem_seg_targets
 from .registry import register_arch
-from .transform import IMAGENET_MEAN, IMAGENET_STD
+from .transform import IMAGENET_MEAN, IMAGENET_STD, check_resize_options, normalize_image, pad_batch
 
 __all__ = ["SemanticFPN", "SemSegTransform", "semantic_fpn"]
 
@@ -63,17 +63,11 @@ class SemSegTransform(nn.Module):
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
-        sizes = None if min_size is None else ((min_size,) if isinstance(min_size, int) else tuple(min_size))
-        if sizes is not None and (not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes)):
-            raise ValueError(f"min_size must be None, a positive int or a sequence of them, got {min_size!r}")
-        if max_size is not None and max_size <= 0:
-            raise ValueError(f"max_size must be positive or None, got {max_size}")
+        sizes = check_resize_options(min_size, max_size, image_mean, image_std)
         if scale_range is not None and (len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]):
             raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
         if crop_size is not None and (len(crop_size) != 2 or min(crop_size) <= 0):
             raise ValueError(f"crop_size must be (height, width) > 0, got {crop_size!r}")
-        if len(image_mean) != len(image_std):
-            raise ValueError(f"image_mean {tuple(image_mean)} and image_std {tuple(image_std)} differ in length")
         self.min_size = sizes
         self.max_size = max_size
         self.scale_range = None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
@@ -96,16 +90,12 @@ class SemSegTransform(nn.Module):
         for i, image in enumerate(images):
             sem_seg = sem_segs[i] if sem_segs is not None else None
             image, sem_seg = self._resize_and_crop(image, sem_seg)
-            mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
-            std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
-            resized.append((image - mean[:, None, None]) / std[:, None, None])  # [C] -> [C, 1, 1] broadcast
+            resized.append(normalize_image(image, self.image_mean, self.image_std))
             if sem_seg is not None:
                 maps.append(sem_seg.long())
         image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in resized]
-        hp, wp = self._padded_size(image_sizes)
-        batch = resized[0].new_zeros((len(resized), resized[0].shape[0], hp, wp))
-        for i, im in enumerate(resized):
-            batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+        batch = pad_batch(resized, self.size_divisible)
+        hp, wp = batch.shape[-2:]
         targets = None
         if sem_segs is not None:
             targets = torch.full((len(maps), hp, wp), self.ignore_index, dtype=torch.int64, device=batch.device)
@@ -158,12 +148,6 @@ class SemSegTransform(nn.Module):
         if self.max_size is not None:
             scale = min(scale, self.max_size / max(h, w))
         return scale
-
-    def _padded_size(self, image_sizes: list[tuple[int, int]]) -> tuple[int, int]:
-        stride = float(self.size_divisible)
-        hp = int(math.ceil(max(s[0] for s in image_sizes) / stride) * stride)
-        wp = int(math.ceil(max(s[1] for s in image_sizes) / stride) * stride)
-        return hp, wp
 
     def postprocess(
         self, logits: Tensor, image_sizes: list[tuple[int, int]], original_sizes: list[tuple[int, int]]
@@ -225,7 +209,9 @@ class SemanticFPN(nn.Module):
         return_logits: bool | None = None,
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Losses in training, per-image class maps in evaluation (see the class docstring)."""
-        self._check_inputs(images, targets)
+        check_images(images, in_chans=self.transform.in_chans)
+        check_sem_seg_targets(images, targets, num_classes=self.num_classes,
+                              ignore_index=self.sem_seg_head.ignore_index, training=self.training)
         sem_segs = [t["sem_seg"] for t in targets] if self.training and targets is not None else None
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         batch, image_sizes, padded_targets = self.transform(images, sem_segs)
@@ -241,34 +227,6 @@ class SemanticFPN(nn.Module):
                 result["sem_seg_logits"] = x
             results.append(result)
         return results
-
-    def _check_inputs(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None) -> None:
-        """Images as the detectors check them; ``sem_seg`` maps of the image size with valid labels."""
-        validate_inputs(images, None, num_classes=self.num_classes, in_chans=self.transform.in_chans, training=False)
-        if not self.training:
-            return
-        if targets is None:
-            raise ValueError("targets are required in training mode (model.train()); got None")
-        if len(targets) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(targets)} targets")
-        k, ignore = self.num_classes, self.sem_seg_head.ignore_index
-        for i, (image, target) in enumerate(zip(images, targets)):
-            if not isinstance(target, dict) or "sem_seg" not in target:
-                keys = sorted(target) if isinstance(target, dict) else type(target).__name__
-                raise ValueError(f"image {i}: target must be a dict with 'sem_seg', got {keys}")
-            sem_seg = target["sem_seg"]
-            if not isinstance(sem_seg, Tensor) or sem_seg.is_floating_point() or sem_seg.dtype == torch.bool:
-                what = getattr(sem_seg, "dtype", type(sem_seg).__name__)
-                raise ValueError(f"image {i}: sem_seg must be an integer Tensor[H, W] of class ids, got {what}")
-            if tuple(sem_seg.shape) != tuple(image.shape[-2:]):
-                raise ValueError(
-                    f"image {i}: sem_seg has shape {tuple(sem_seg.shape)}, expected the image size "
-                    f"{tuple(image.shape[-2:])}"
-                )
-            bad = (sem_seg != ignore) & ((sem_seg < 0) | (sem_seg >= k))
-            if bool(bad.any()):
-                values = sem_seg[bad].unique().tolist()[:10]
-                raise ValueError(f"image {i}: sem_seg has labels {values}, expected 0..{k - 1} or {ignore} (ignored)")
 
 
 @register_arch("semantic_fpn", renamed={"fpn_channels": "fpn_out_channels", "backbone_weights": "weights"})

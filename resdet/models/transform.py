@@ -19,10 +19,60 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DetectionTransform", "resize_boxes", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "DetectionTransform", "resize_boxes", "normalize_image", "pad_batch", "check_resize_options",
+    "IMAGENET_MEAN", "IMAGENET_STD",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_resize_options(
+    min_size: int | Sequence[int] | None,
+    max_size: int | None,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+) -> tuple[int, ...] | None:
+    """Checks the options every input transform shares; returns ``min_size`` as a tuple (None stays None)."""
+    sizes = None if min_size is None else ((min_size,) if isinstance(min_size, int) else tuple(min_size))
+    if sizes is not None and (not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes)):
+        raise ValueError(f"min_size must be a positive int or a non-empty sequence of them, got {min_size!r}")
+    if max_size is not None and max_size <= 0:
+        raise ValueError(f"max_size must be positive, got {max_size}")
+    if len(image_mean) != len(image_std):
+        raise ValueError(f"image_mean {tuple(image_mean)} and image_std {tuple(image_std)} differ in length")
+    return sizes
+
+
+def normalize_image(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """(image - mean) / std per channel of a Tensor[C, H, W].
+
+    float64 images (numpy's default, e.g. ``torch.from_numpy(array / 255)``) are computed in float32,
+    the precision of the model's weights: the values are valid, only their precision is more than the
+    convolutions take, so the transform converts them as it resizes them rather than failing.
+    """
+    if image.dtype == torch.float64:
+        image = image.float()
+    mean_t = torch.as_tensor(mean, dtype=image.dtype, device=image.device)
+    std_t = torch.as_tensor(std, dtype=image.dtype, device=image.device)
+    # [C] -> [C, 1, 1] to broadcast over H, W.
+    return (image - mean_t[:, None, None]) / std_t[:, None, None]
+
+
+def pad_batch(
+    images: list[Tensor], size_divisible: int, *, memory_format: torch.memory_format = torch.contiguous_format
+) -> Tensor:
+    """Pads Tensor[C, h, w] images bottom-right with zeros into one Tensor[N, C, Hp, Wp] whose Hp, Wp
+    are the largest h, w rounded up to a multiple of ``size_divisible``."""
+    c = images[0].shape[0]
+    stride = float(size_divisible)
+    hp = int(math.ceil(max(im.shape[-2] for im in images) / stride) * stride)
+    wp = int(math.ceil(max(im.shape[-1] for im in images) / stride) * stride)
+    batch = images[0].new_zeros((len(images), c, hp, wp)).contiguous(memory_format=memory_format)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+    return batch
 
 
 def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
@@ -63,14 +113,7 @@ class DetectionTransform(nn.Module):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
-        if not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes):
-            raise ValueError(f"min_size must be a positive int or a non-empty sequence of them, got {min_size!r}")
-        if max_size <= 0:
-            raise ValueError(f"max_size must be positive, got {max_size}")
-        if len(image_mean) != len(image_std):
-            raise ValueError(f"image_mean {tuple(image_mean)} and image_std {tuple(image_std)} differ in length")
-        self.min_size = sizes
+        self.min_size = check_resize_options(min_size, max_size, image_mean, image_std)
         self.max_size = int(max_size)
         self.image_mean = tuple(float(m) for m in image_mean)
         self.image_std = tuple(float(s) for s in image_std)
@@ -103,11 +146,8 @@ class DetectionTransform(nn.Module):
         return self.batch_images(resized), image_sizes, new_targets
 
     def normalize(self, image: Tensor) -> Tensor:
-        """(image - mean) / std per channel."""
-        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
-        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
-        # [C] -> [C, 1, 1] to broadcast over H, W.
-        return (image - mean[:, None, None]) / std[:, None, None]
+        """(image - mean) / std per channel (:func:`normalize_image`)."""
+        return normalize_image(image, self.image_mean, self.image_std)
 
     def _choose_min_size(self) -> int:
         if not self.training or len(self.min_size) == 1:
@@ -138,17 +178,8 @@ class DetectionTransform(nn.Module):
 
     def batch_images(self, images: list[Tensor]) -> Tensor:
         """Pads images to a common size (multiple of ``size_divisible``), zeros bottom-right."""
-        c = images[0].shape[0]
-        hp = max(im.shape[-2] for im in images)
-        wp = max(im.shape[-1] for im in images)
-        stride = float(self.size_divisible)
-        hp = int(math.ceil(hp / stride) * stride)
-        wp = int(math.ceil(wp / stride) * stride)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        batch = images[0].new_zeros((len(images), c, hp, wp)).contiguous(memory_format=memory_format)
-        for i, im in enumerate(images):
-            batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
-        return batch
+        return pad_batch(images, self.size_divisible, memory_format=memory_format)
 
     def postprocess(
         self,
