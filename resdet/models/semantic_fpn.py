@@ -27,11 +27,11 @@ from resdet.heads.semantic_head import SemanticFPNHead
 
 from .validation import check_images, check_sem_seg_targets
 from .registry import register_arch
-from .transform import IMAGENET_MEAN, IMAGENET_STD, check_resize_options, normalize_image, pad_batch
+from .transform import IMAGENET_MEAN, IMAGENET_STD, ImageBatcher, min_sizes
 
 __all__ = ["SemanticFPN", "SemSegTransform", "semantic_fpn"]
 
-class SemSegTransform(nn.Module):
+class SemSegTransform(ImageBatcher):
     """Normalizes, resizes and pads images and semantic maps into a batch; in training optionally
     rescales at random and takes random crops (Cityscapes / VOC crop training).
 
@@ -62,8 +62,8 @@ class SemSegTransform(nn.Module):
         size_divisible: int = 32,
         ignore_index: int = 255,
     ) -> None:
-        super().__init__()
-        sizes = check_resize_options(min_size, max_size, image_mean, image_std)
+        super().__init__(image_mean, image_std, size_divisible)
+        sizes = min_sizes(min_size, max_size)
         if scale_range is not None and (len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]):
             raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range!r}")
         if crop_size is not None and (len(crop_size) != 2 or min(crop_size) <= 0):
@@ -72,15 +72,7 @@ class SemSegTransform(nn.Module):
         self.max_size = max_size
         self.scale_range = None if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
         self.crop_size = None if crop_size is None else (int(crop_size[0]), int(crop_size[1]))
-        self.image_mean = tuple(float(m) for m in image_mean)
-        self.image_std = tuple(float(s) for s in image_std)
-        self.size_divisible = int(size_divisible)
         self.ignore_index = ignore_index
-
-    @property
-    def in_chans(self) -> int:
-        """Number of image channels the normalization expects."""
-        return len(self.image_mean)
 
     def forward(
         self, images: list[Tensor], sem_segs: list[Tensor] | None = None
@@ -90,11 +82,11 @@ class SemSegTransform(nn.Module):
         for i, image in enumerate(images):
             sem_seg = sem_segs[i] if sem_segs is not None else None
             image, sem_seg = self._resize_and_crop(image, sem_seg)
-            resized.append(normalize_image(image, self.image_mean, self.image_std))
+            resized.append(self.normalize(image))
             if sem_seg is not None:
                 maps.append(sem_seg.long())
         image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in resized]
-        batch = pad_batch(resized, self.size_divisible)
+        batch = self.batch_images(resized)
         hp, wp = batch.shape[-2:]
         targets = None
         if sem_segs is not None:

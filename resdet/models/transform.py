@@ -20,59 +20,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "DetectionTransform", "resize_boxes", "normalize_image", "pad_batch", "check_resize_options",
-    "IMAGENET_MEAN", "IMAGENET_STD",
+    "DetectionTransform", "ImageBatcher", "resize_boxes", "min_sizes", "IMAGENET_MEAN", "IMAGENET_STD",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def check_resize_options(
-    min_size: int | Sequence[int] | None,
-    max_size: int | None,
-    image_mean: Sequence[float],
-    image_std: Sequence[float],
-) -> tuple[int, ...] | None:
-    """Checks the options every input transform shares; returns ``min_size`` as a tuple (None stays None)."""
+def min_sizes(min_size: int | Sequence[int] | None, max_size: int | None) -> tuple[int, ...] | None:
+    """Checks the resize options of a transform; returns ``min_size`` as a tuple (None stays None)."""
     sizes = None if min_size is None else ((min_size,) if isinstance(min_size, int) else tuple(min_size))
     if sizes is not None and (not sizes or any(not isinstance(s, int) or s <= 0 for s in sizes)):
         raise ValueError(f"min_size must be a positive int or a non-empty sequence of them, got {min_size!r}")
     if max_size is not None and max_size <= 0:
         raise ValueError(f"max_size must be positive, got {max_size}")
-    if len(image_mean) != len(image_std):
-        raise ValueError(f"image_mean {tuple(image_mean)} and image_std {tuple(image_std)} differ in length")
     return sizes
-
-
-def normalize_image(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """(image - mean) / std per channel of a Tensor[C, H, W].
-
-    float64 images (numpy's default, e.g. ``torch.from_numpy(array / 255)``) are computed in float32,
-    the precision of the model's weights: the values are valid, only their precision is more than the
-    convolutions take, so the transform converts them as it resizes them rather than failing.
-    """
-    if image.dtype == torch.float64:
-        image = image.float()
-    mean_t = torch.as_tensor(mean, dtype=image.dtype, device=image.device)
-    std_t = torch.as_tensor(std, dtype=image.dtype, device=image.device)
-    # [C] -> [C, 1, 1] to broadcast over H, W.
-    return (image - mean_t[:, None, None]) / std_t[:, None, None]
-
-
-def pad_batch(
-    images: list[Tensor], size_divisible: int, *, memory_format: torch.memory_format = torch.contiguous_format
-) -> Tensor:
-    """Pads Tensor[C, h, w] images bottom-right with zeros into one Tensor[N, C, Hp, Wp] whose Hp, Wp
-    are the largest h, w rounded up to a multiple of ``size_divisible``."""
-    c = images[0].shape[0]
-    stride = float(size_divisible)
-    hp = int(math.ceil(max(im.shape[-2] for im in images) / stride) * stride)
-    wp = int(math.ceil(max(im.shape[-1] for im in images) / stride) * stride)
-    batch = images[0].new_zeros((len(images), c, hp, wp)).contiguous(memory_format=memory_format)
-    for i, im in enumerate(images):
-        batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
-    return batch
 
 
 def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
@@ -88,7 +50,62 @@ def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence
     return boxes * scale
 
 
-class DetectionTransform(nn.Module):
+class ImageBatcher(nn.Module):
+    """What every model's input transform shares: per-channel normalization and padding into a batch.
+
+    Args:
+        image_mean: per-channel mean subtracted from images in [0, 1].
+        image_std: per-channel standard deviation images are divided by.
+        size_divisible: the padded batch height and width are multiples of this.
+        channels_last: pad into ``torch.channels_last`` memory format (faster convolutions on CPU with
+            oneDNN).
+    """
+
+    def __init__(
+        self, image_mean: Sequence[float], image_std: Sequence[float], size_divisible: int, *, channels_last: bool = False
+    ) -> None:
+        super().__init__()
+        if len(image_mean) != len(image_std):
+            raise ValueError(f"image_mean {tuple(image_mean)} and image_std {tuple(image_std)} differ in length")
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+        self.size_divisible = int(size_divisible)
+        self.channels_last = channels_last
+
+    @property
+    def in_chans(self) -> int:
+        """Number of image channels the normalization expects."""
+        return len(self.image_mean)
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """(image - mean) / std per channel of a Tensor[C, H, W].
+
+        float64 images (numpy's default, e.g. ``torch.from_numpy(array / 255)``) are computed in
+        float32, the precision of the model's weights: the values are valid, only more precise than the
+        convolutions take, so the transform converts them as it resizes them instead of failing.
+        """
+        if image.dtype == torch.float64:
+            image = image.float()
+        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
+        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
+        # [C] -> [C, 1, 1] to broadcast over H, W.
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def batch_images(self, images: list[Tensor]) -> Tensor:
+        """Pads Tensor[C, h, w] images bottom-right with zeros into one Tensor[N, C, Hp, Wp], Hp and Wp the
+        largest h and w rounded up to a multiple of ``size_divisible``."""
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        c = images[0].shape[0]
+        stride = float(self.size_divisible)
+        hp = int(math.ceil(max(im.shape[-2] for im in images) / stride) * stride)
+        wp = int(math.ceil(max(im.shape[-1] for im in images) / stride) * stride)
+        batch = images[0].new_zeros((len(images), c, hp, wp)).contiguous(memory_format=memory_format)
+        for i, im in enumerate(images):
+            batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+        return batch
+
+
+class DetectionTransform(ImageBatcher):
     """Normalizes, resizes and pads images (and resizes targets) for a detector.
 
     Args:
@@ -112,18 +129,9 @@ class DetectionTransform(nn.Module):
         *,
         channels_last: bool = False,
     ) -> None:
-        super().__init__()
-        self.min_size = check_resize_options(min_size, max_size, image_mean, image_std)
+        super().__init__(image_mean, image_std, size_divisible, channels_last=channels_last)
+        self.min_size = min_sizes(min_size, max_size)
         self.max_size = int(max_size)
-        self.image_mean = tuple(float(m) for m in image_mean)
-        self.image_std = tuple(float(s) for s in image_std)
-        self.size_divisible = int(size_divisible)
-        self.channels_last = channels_last
-
-    @property
-    def in_chans(self) -> int:
-        """Number of image channels the normalization expects."""
-        return len(self.image_mean)
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
@@ -144,10 +152,6 @@ class DetectionTransform(nn.Module):
                 new_targets.append(target)
         image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in resized]
         return self.batch_images(resized), image_sizes, new_targets
-
-    def normalize(self, image: Tensor) -> Tensor:
-        """(image - mean) / std per channel (:func:`normalize_image`)."""
-        return normalize_image(image, self.image_mean, self.image_std)
 
     def _choose_min_size(self) -> int:
         if not self.training or len(self.min_size) == 1:
@@ -176,10 +180,6 @@ class DetectionTransform(nn.Module):
         target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
         return image, target
 
-    def batch_images(self, images: list[Tensor]) -> Tensor:
-        """Pads images to a common size (multiple of ``size_divisible``), zeros bottom-right."""
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        return pad_batch(images, self.size_divisible, memory_format=memory_format)
 
     def postprocess(
         self,
