@@ -176,9 +176,9 @@ def test_bad_input_is_named():
         model(images, [{"boxes": torch.zeros(0, 4)}])
     nan = images[0].clone()
     nan[1, 3, 4] = float("inf")
-    with pytest.raises(ValueError, match="image 1: 1 of 3072 pixel values are NaN or infinite"):
+    with pytest.raises(ValueError, match="image 1: 1 of 3072 pixel values are NaN/inf"):
         model([images[0], nan], targets * 2)
-    with pytest.raises(ValueError, match="image 0: 1 of 3072 pixel values are NaN or infinite"):
+    with pytest.raises(ValueError, match="image 0: 1 of 3072 pixel values are NaN/inf"):
         model.eval()([nan])
 
 

@@ -34,6 +34,7 @@ from torch import nn
 import resdet
 from resdet.config import Config, config_to_dict, save_config
 from resdet.models import build_model
+from resdet.models.validation import InvalidInput
 
 from . import distributed as dist
 from resdet.data.label_space import LabelSpace
@@ -258,25 +259,22 @@ class Trainer:
             raise KeyboardInterrupt
         self._signal = signum
 
-    @staticmethod
-    def _check_finite(images: list, targets: list) -> None:
-        for i, (img, target) in enumerate(zip(images, targets)):
-            if img.is_floating_point() and not bool(torch.isfinite(img).all()):
-                bad = int((~torch.isfinite(img)).sum())
-                image_id = target.get("image_id", "?") if isinstance(target, dict) else "?"
-                image_id = int(image_id) if torch.is_tensor(image_id) else image_id
-                raise ValueError(f"training image_id {image_id} (batch item {i}) has {bad} NaN/inf pixel values; "
-                                 f"check the dataset and its transforms")
-
     def _forward(self, images: list, targets: list, last_micro: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self._check_finite(images, targets)
         images = [img.to(self.device, non_blocking=True) for img in images]
         targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
         sync = contextlib.nullcontext() if last_micro or not dist.is_distributed() else self.ddp_model.no_sync()
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
         with sync, autocast:
-            losses = self.ddp_model(images, targets)
+            try:
+                losses = self.ddp_model(images, targets)
+            except InvalidInput as err:  # the model's input check: name the dataset's image, not the batch slot
+                if err.index is None:
+                    raise
+                image_id = targets[err.index].get("image_id", "?") if isinstance(targets[err.index], dict) else "?"
+                image_id = int(image_id) if torch.is_tensor(image_id) else image_id
+                raise ValueError(f"training image_id {image_id} (batch item {err.index}): {err.what}; "
+                                 f"check the dataset and its transforms") from None
         return sum(losses.values()), losses
 
     def _reduced(self, losses: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool, bool]:

@@ -1,6 +1,7 @@
 """Input checks of every resdet model, run once at the model's boundary (``forward``) before any computation.
 
-Each raises ``ValueError`` naming the image index and the bad value; the layers behind the boundary
+Each raises :class:`InvalidInput` (a ``ValueError``) naming the image index and the bad value; the
+training loop adds the dataset's image id to it. The layers behind the boundary
 (transforms, RPN, RoI heads, semantic head) trust what passed. Shape shorthand:
     N   images;  C image channels;  H, W size of one image
     G   ground-truth objects of one image;  K classes
@@ -13,11 +14,20 @@ from typing import NoReturn
 import torch
 from torch import Tensor
 
-__all__ = ["check_images", "check_detection_targets", "check_sem_seg_targets", "validate_inputs"]
+__all__ = ["InvalidInput", "check_images", "check_detection_targets", "check_sem_seg_targets", "validate_inputs"]
+
+
+class InvalidInput(ValueError):
+    """A model input is invalid: ``what`` is wrong with image ``index`` of the batch (None: the batch)."""
+
+    def __init__(self, index: int | None, what: str) -> None:
+        super().__init__(what if index is None else f"image {index}: {what}")
+        self.index = index
+        self.what = what
 
 
 def _fail(index: int, what: str) -> NoReturn:
-    raise ValueError(f"image {index}: {what}")
+    raise InvalidInput(index, what)
 
 
 def _shape(value: object) -> object:
@@ -49,7 +59,7 @@ def check_images(images: Sequence[Tensor], *, in_chans: int) -> None:
     if not bool(finite.all()):
         i = int(torch.nonzero(~finite)[0])
         bad = int((~torch.isfinite(images[i])).sum())
-        _fail(i, f"{bad} of {images[i].numel()} pixel values are NaN or infinite")
+        _fail(i, f"{bad} of {images[i].numel()} pixel values are NaN/inf")
 
 
 def _check_target_list(images: Sequence[Tensor], targets: Sequence[dict] | None, *, training: bool) -> bool:
