@@ -232,6 +232,10 @@ class _SparseRoIAlign(torch.autograd.Function):
     @staticmethod
     def _pool(index: Tensor, weight: Tensor, offsets: Tensor | None, levels: tuple[Tensor, ...], num_pixels: int) -> Tensor:
         c = levels[0].shape[1]
+        x = levels[0]
+        if len(levels) == 1 and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last):
+            table = x.permute(0, 2, 3, 1).reshape(num_pixels, c)  # a view: channels-last is already [P, C]
+            return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weight)
         # [P, C] float32: every level flattened channels-last, image-major, levels one after the other.
         table = torch.empty((num_pixels, c), dtype=torch.float32, device=levels[0].device)
         at = 0

@@ -346,7 +346,7 @@ def bench_multiscale_roi_align(
     fns = [run(ours), run(theirs)]
     (a, ga), (b, gb) = fns[0](), fns[1]()
     extra = {
-        "max_abs_out": float((a - b).abs().max()) if a.numel() else 0.0,
+        "max_abs_out": float((a - b).detach().abs().max()) if a.numel() else 0.0,
         "max_abs_grad": max(float((x - y).abs().max()) for x, y in zip(ga, gb)),
         "num_rois": num_rois, "output_size": output_size, "batch": batch, "image_size": image_size,
     }

@@ -148,3 +148,11 @@ def test_pooler_impl_switch():
     torch.testing.assert_close(MultiScaleRoIAlign(("p2",))(feats, boxes, [(32, 32)]), tv(feats, boxes, [(32, 32)]))
     with pytest.raises(ValueError, match="impl"):
         MultiScaleRoIAlign(impl="fast")
+
+
+def test_bench_multiscale_roi_align_small():
+    from resdet.benchmark import bench_multiscale_roi_align
+
+    row = bench_multiscale_roi_align(num_rois=12, batch=2, image_size=(64, 96), channels=4, iters=1, warmup=0)
+    assert row.resdet > 0 and row.torchvision > 0 and row.unit == "ms"
+    assert row.extra["max_abs_out"] < 1e-4 and row.extra["max_abs_grad"] < 1e-4
