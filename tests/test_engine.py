@@ -210,3 +210,17 @@ def test_load_pretrained_torchvision_detection_and_imagenet(tmp_path):
     report = load_pretrained(model, tmp_path / "imagenet.pth")
     assert report.source == "imagenet_backbone" and not report.missing and not report.unexpected
     assert all(k.startswith("backbone.body.") for k in report.loaded)
+
+
+def test_amp_auto_is_bf16_only_where_native(monkeypatch):
+    """``train.amp=auto`` autocasts to bf16 only on a device with native bf16 kernels, float32 elsewhere."""
+    import torch
+
+    from resdet.engine import inference
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert inference.amp_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert inference.amp_dtype("auto", "cpu") is None
+    assert inference.amp_dtype("auto", "meta") is None
+    assert inference.amp_dtype("bf16", "cpu") is torch.bfloat16 and inference.amp_dtype("none") is None

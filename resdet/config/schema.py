@@ -157,7 +157,7 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False
     num_threads: int | None = None  # torch CPU threads per process; None: torch's default
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    amp: Literal["none", "auto", "bf16", "fp16"] = "none"  # auto: bf16 where the device has native bf16
     sync_bn: bool = False
     find_unused_parameters: bool = False
     log_period: Count = 20

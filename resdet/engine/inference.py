@@ -19,14 +19,28 @@ from .builders import build_dataset, build_evaluator, build_test_loader
 from .checkpoint import CheckpointError, load_checkpoint_file, load_model_state, unwrap_model
 from .pretrained import load_pretrained, read_checkpoint
 
-__all__ = ["amp_dtype", "config_for_checkpoint", "evaluate_model", "load_model", "evaluate_checkpoint",
+__all__ = ["amp_dtype", "bf16_native", "config_for_checkpoint", "evaluate_model", "load_model", "evaluate_checkpoint",
            "infer_images"]
 
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def amp_dtype(name: str) -> torch.dtype | None:
-    """``none`` / ``bf16`` / ``fp16`` → autocast dtype."""
+def bf16_native(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU with bf16, or a CPU whose oneDNN has bf16
+    kernels (AVX512-BF16 or AMX). Elsewhere bf16 is emulated and slower than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def amp_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """``none`` / ``bf16`` / ``fp16`` → autocast dtype; ``auto`` → bf16 where ``device`` computes it
+    natively (:func:`bf16_native`), else None (float32)."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_native(device) else None
     return _AMP[name]
 
 
@@ -41,7 +55,7 @@ def evaluate_model(cfg: Config, model: nn.Module, dataset, *, device: torch.devi
     loader = build_test_loader(cfg, dataset, rank=dist.get_rank(), world_size=dist.get_world_size(),
                                max_images=cfg.eval.max_images)
     metrics = inference_on_dataset(unwrap_model(model), loader, evaluator, device=device,
-                                   amp_dtype=amp_dtype(cfg.train.amp))
+                                   amp_dtype=amp_dtype(cfg.train.amp, device))
     return metrics, evaluator.summary()
 
 

@@ -121,7 +121,9 @@ class Trainer:
         self.lr_factor = LRFactor(schedule=s.schedule, max_iter=s.max_iter, steps=steps, gamma=s.gamma,
                                   warmup_iters=warmup, warmup_factor=s.warmup_factor, min_factor=s.min_lr_factor)
         self.scheduler = build_lr_scheduler(self.optimizer, self.lr_factor)
-        self.amp_dtype = amp_dtype(cfg.train.amp)
+        self.amp_dtype = amp_dtype(cfg.train.amp, self.device)
+        if cfg.train.amp == "auto":
+            self.logger.info("train.amp=auto: %s on %s", self.amp_dtype or "float32", self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         self.ddp_model: nn.Module = self.model
         if dist.is_distributed():
