@@ -92,6 +92,23 @@ def test_coco_evaluator_equals_pycocotools():
     assert summary.index("*bbox*") < summary.index("*segm*") and "Average Precision" in summary
 
 
+def test_coco_evaluator_prints_per_category_ap_by_name():
+    """The per-category table names each category and gives its AP@[.5:.95], pycocotools' own numbers."""
+    coco = _gt()
+    ev = COCOEvaluator(coco, {1: 3, 2: 7}, iou_types=("bbox",))
+    for image_id, p in PREDICTIONS.items():
+        ev.process([{"image_id": image_id}], [p])
+    ev.evaluate()
+    with contextlib.redirect_stdout(io.StringIO()):
+        e = COCOeval(coco, coco.loadRes([r for r in ev._results["bbox"]]), "bbox")
+        e.evaluate()
+        e.accumulate()
+    table = ev.summary().split("Per-category bbox AP (%):\n")[1].splitlines()[0]
+    for k, name in enumerate(("a", "b")):
+        p = e.eval["precision"][:, :, k, 0, -1]
+        assert f"{name} {100 * p[p > -1].mean():5.1f}" in table
+
+
 def test_coco_evaluator_without_detections_and_through_inference_loop():
     coco = _gt()
     ev = COCOEvaluator(coco, {1: 3, 2: 7}, iou_types=("bbox",))

@@ -172,7 +172,24 @@ class COCOEvaluator(DatasetEvaluator):
         table = io.StringIO()
         with contextlib.redirect_stdout(table):
             coco_eval.summarize()
-        return coco_eval.stats, table.getvalue()  # -1 where no ground truth falls in an area range
+        text = table.getvalue() + self._per_category_table(coco_eval)
+        return coco_eval.stats, text  # -1 where no ground truth falls in an area range
+
+    def _per_category_table(self, coco_eval: COCOeval, columns: int = 3) -> str:
+        """AP@[.5:.95] (all areas, 100 detections) per category, by name, as detectron2 prints it."""
+        # precision: [T IoU thresholds, R recall points, K categories, A area ranges, M max-dets]
+        precision = coco_eval.eval["precision"]
+        cells = []
+        for k, cat in enumerate(self.coco_gt.loadCats(coco_eval.params.catIds)):
+            p = precision[:, :, k, 0, -1]
+            p = p[p > -1]
+            cells.append((str(cat["name"]), f"{100 * p.mean():.1f}" if p.size else "-"))
+        if not cells:
+            return ""
+        width = max(len(name) for name, _ in cells)
+        rows = [cells[i:i + columns] for i in range(0, len(cells), columns)]
+        lines = ["  ".join(f"{name:<{width}} {ap:>5}" for name, ap in row) for row in rows]
+        return f"Per-category {coco_eval.params.iouType} AP (%):\n" + "\n".join(lines) + "\n"
 
     def summary(self) -> str:
         return self._summary
