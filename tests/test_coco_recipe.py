@@ -2,8 +2,6 @@
 the clear offline message for the ImageNet file, and the data checks made at start (class count,
 VOC validation year, missing images)."""
 import glob
-import importlib.util
-import json
 import os
 
 import pytest
@@ -12,18 +10,12 @@ import torch
 from resdet.backbones.weights import WeightsUnavailableError, hub_cache_path, imagenet_url, load_checkpoint
 from resdet.config import ConfigError, load_config
 from resdet.engine.builders import build_dataset
+from tool_loader import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "coco", "*.yaml"))) + [
     os.path.join(REPO, "configs", "voc", "faster_rcnn_r34_fpn.yaml"),
     os.path.join(REPO, "configs", "cityscapes", "mask_rcnn_r34_fpn.yaml")]
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=os.path.basename)
@@ -102,7 +94,7 @@ def test_offline_train_exits_nonzero_before_training_without_traceback(monkeypat
     _write_coco(str(root), [(_arrays(1)[0], out)], [(1, "person")])
     os.symlink(root / "val2017", root / "train2017")
     os.symlink(root / "annotations" / "instances_val2017.json", root / "annotations" / "instances_train2017.json")
-    rc = _tool("train")(["--config", "configs/coco/faster_rcnn_r18_fpn_1x.yaml", f"data.root={root}",
+    rc = load_tool("train")(["--config", "configs/coco/faster_rcnn_r18_fpn_1x.yaml", f"data.root={root}",
                          "model.num_classes=2", f"train.output_dir={tmp_path / 'out'}", "data.num_workers=0"])
     err = capsys.readouterr().err
     assert rc != 0 and "resnet18-f37072fd.pth" in err and "Traceback" not in err

@@ -1,5 +1,4 @@
 """CityscapesDataset on a leftImg8bit/gtFine tree written here, and the Cityscapes → COCO converter."""
-import importlib.util
 import os
 
 import numpy as np
@@ -10,8 +9,8 @@ from pycocotools.coco import COCO
 from resdet.data import CITYSCAPES_THING_NAMES, CITYSCAPES_TRAIN_ID_NAMES, CityscapesDataset, CocoDataset
 from resdet.data.cityscapes_labels import LABELS, label_ids_to_train_ids
 from resdet.data.convert import cityscapes_to_coco, write_json
+from tool_loader import load_tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ID = {label.name: label.id for label in LABELS}
 
 
@@ -105,9 +104,5 @@ def test_cityscapes_to_coco_round_trip(cs_root, tmp_path):
 
 
 def test_convert_tool(cs_root, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "convert_cs", os.path.join(ROOT, "tools", "convert_cityscapes_to_coco.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    out = tool.main(["--root", str(cs_root), "--split", "train", "--out", str(tmp_path / "o.json")])
+    out = load_tool("convert_cityscapes_to_coco")(["--root", str(cs_root), "--split", "train", "--out", str(tmp_path / "o.json")])
     assert len(COCO(out).getAnnIds()) == 4

@@ -1,5 +1,4 @@
 """VOCDataset on a VOCdevkit written here (XML, split files, palette PNGs) and the VOC → COCO converter."""
-import importlib.util
 import os
 
 import numpy as np
@@ -10,8 +9,8 @@ from pycocotools.cocoeval import COCOeval
 
 from resdet.data import VOC_CLASSES, CocoDataset, VOCDataset
 from resdet.data.convert import voc_to_coco, write_json
+from tool_loader import load_tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _palette():
@@ -153,10 +152,7 @@ def test_voc_to_coco_round_trip(voc_root, tmp_path, task):
 
 
 def test_convert_tool(voc_root, tmp_path):
-    spec = importlib.util.spec_from_file_location("convert_voc", os.path.join(ROOT, "tools", "convert_voc_to_coco.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    out = tool.main(["--root", str(voc_root), "--year", "2012", "--split", "train", "--out", str(tmp_path / "o.json")])
+    out = load_tool("convert_voc_to_coco")(["--root", str(voc_root), "--year", "2012", "--split", "train", "--out", str(tmp_path / "o.json")])
     assert len(COCO(out).getAnnIds()) == 4
 
 

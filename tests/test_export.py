@@ -4,7 +4,6 @@ Small R18 models (min_size 96) traced on a portrait image and run on landscape o
 axes and every size computed inside the graph really change between trace and run.
 """
 import copy
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import nn
 from resdet.export import (ExportError, OnnxPredictor, TorchScriptPredictor, example_image, exportable,
                            paste_masks_traceable, to_onnx, to_torchscript)
 from resdet.models import faster_rcnn, mask_rcnn, semantic_fpn
+from tool_loader import load_tool
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -195,18 +195,16 @@ def test_tools_export_cli_from_resdet_checkpoint(tmp_path, capsys):
     model = build_model(cfg).eval()
     ckpt = tmp_path / "model.pth"
     torch.save({"model": model.state_dict(), "resdet": {}, "config": config_to_dict(cfg)}, ckpt)
-    spec = importlib.util.spec_from_file_location("export_tool", Path(__file__).parents[1] / "tools/export.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    export_main = load_tool("export")
     out = tmp_path / "model.pt"
-    assert tool.main(["--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(out)]) == 0
+    assert export_main(["--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "largest difference: sem_seg 0" in printed and f"wrote {out}" in printed
     image = example_image(128, 160)
     with torch.no_grad():
         expected = model([image])[0]["sem_seg"]
     assert torch.equal(TorchScriptPredictor(out)([image])[0]["sem_seg"], expected)
-    assert tool.main(["--checkpoint", str(tmp_path / "missing.pth"), "--out", str(out)]) == 1
+    assert export_main(["--checkpoint", str(tmp_path / "missing.pth"), "--out", str(out)]) == 1
     assert "missing.pth" in capsys.readouterr().err
     assert sys.modules.get("export_tool") is None
 

@@ -1,12 +1,10 @@
 """Label spaces: labels ↔ dataset category ids for resdet models (non-contiguous ids 5, 17, 88, 90) and for
 torchvision's COCO checkpoints (label = COCO id), through the evaluator, checkpoints, fine-tuning and
 tools/test.py end to end on COCO-format data written here with the original ids."""
-import importlib.util
 import json
 import os
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -14,16 +12,9 @@ from pycocotools import mask as mask_utils
 from resdet.data import CocoDataset, LabelSpace
 from resdet.data.label_space import remap_class_rows
 from resdet.engine.builders import dataset_metadata
+from tool_loader import load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPARSE = [(5, "airplane"), (17, "cat"), (88, "teddy bear"), (90, "toothbrush")]
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _rle(mask):
@@ -166,7 +157,7 @@ def test_torchvision_checkpoint_through_tools_test_gives_coco_ids(tmp_path, caps
     assert sum(len(o["boxes"]) for _, o in gt) > 0
     _write_coco(str(tmp_path / "coco"), gt, coco80)
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    rc = _tool("test")(["--config", "configs/coco/mask_rcnn_r50_fpn_1x.yaml", "--checkpoint", str(tmp_path / "tv.pth"),
+    rc = load_tool("test")(["--config", "configs/coco/mask_rcnn_r50_fpn_1x.yaml", "--checkpoint", str(tmp_path / "tv.pth"),
                         f"data.root={tmp_path / 'coco'}", f"train.output_dir={tmp_path / 'out'}",
                         "--json", str(tmp_path / "m.json"), *TV_OVERRIDES])
     assert rc == 0
@@ -201,7 +192,7 @@ def test_resdet_model_on_sparse_ids_writes_them_back(tmp_path):
     space = LabelSpace.contiguous([c for c, _ in SPARSE], [n for _, n in SPARSE])
     torch.save({"resdet": "test", "model": model.state_dict(), "config": config_to_dict(cfg),
                 "label_space": space.to_dict()}, tmp_path / "model.pth")
-    assert _tool("test")(["--checkpoint", str(tmp_path / "model.pth"), "--json", str(tmp_path / "m.json")]) == 0
+    assert load_tool("test")(["--checkpoint", str(tmp_path / "model.pth"), "--json", str(tmp_path / "m.json")]) == 0
     assert json.load(open(tmp_path / "m.json"))["bbox/AP"] >= 0.99
     results = json.load(open(tmp_path / "out" / "coco_bbox_results.json"))
     assert {r["category_id"] for r in results} <= {5, 17, 88, 90} and len(results) > 0

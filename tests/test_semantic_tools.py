@@ -1,19 +1,12 @@
 """tools/train.py and tools/test.py on a semantic config alone (in-process, tiny shapes data)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+from tool_loader import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "shapes", "semantic_fpn_r34.yaml")
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _tiny(root, out):
@@ -25,7 +18,7 @@ def _tiny(root, out):
 
 def test_semantic_train_then_test(tmp_path, capsys):
     root, out = tmp_path / "shapes", tmp_path / "out"
-    rc = _tool("train")(["--config", CONFIG, *_tiny(root, out), "solver.max_iter=2", "solver.warmup_iters=1"])
+    rc = load_tool("train")(["--config", CONFIG, *_tiny(root, out), "solver.max_iter=2", "solver.warmup_iters=1"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "final: mIoU=" in printed
@@ -34,7 +27,7 @@ def test_semantic_train_then_test(tmp_path, capsys):
     assert evals and 0.0 <= evals[-1]["mIoU"] <= 1.0
 
     metrics_file = tmp_path / "metrics.json"
-    rc = _tool("test")(["--config", CONFIG, "--checkpoint", str(out / "model_final.pth"), "--json",
+    rc = load_tool("test")(["--config", CONFIG, "--checkpoint", str(out / "model_final.pth"), "--json",
                         str(metrics_file), *_tiny(root, out)])
     assert rc == 0
     assert "pAcc" in capsys.readouterr().out

@@ -1,20 +1,11 @@
 """tools/train.py, test.py and infer.py as a user runs them (in-process, tiny settings)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
+from tool_loader import load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _tiny(root):
@@ -28,7 +19,7 @@ def _tiny(root):
 
 def test_train_test_infer_scripts(tmp_path, capsys):
     root, out = tmp_path / "shapes", tmp_path / "out"
-    rc = _tool("train")(_tiny(root) + ["solver.max_iter=2", "solver.warmup_iters=1", "solver.steps=[]",
+    rc = load_tool("train")(_tiny(root) + ["solver.max_iter=2", "solver.warmup_iters=1", "solver.steps=[]",
                                        f"train.output_dir={out}", "train.num_vis_images=1", "train.progress_bar=false"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -37,7 +28,7 @@ def test_train_test_infer_scripts(tmp_path, capsys):
     assert list((out / "vis").glob("*.png")) and (out / "config.yaml").is_file()
 
     # --resume continues from model_final (iteration 2) to a longer schedule
-    rc = _tool("train")(_tiny(root) + ["--resume", "solver.max_iter=3", "solver.warmup_iters=1", "solver.steps=[]",
+    rc = load_tool("train")(_tiny(root) + ["--resume", "solver.max_iter=3", "solver.warmup_iters=1", "solver.steps=[]",
                                        f"train.output_dir={out}", "train.num_vis_images=0", "train.progress_bar=false"])
     assert rc == 0
     capsys.readouterr()
@@ -46,12 +37,12 @@ def test_train_test_infer_scripts(tmp_path, capsys):
     assert iterations[-1] == 3 and 3 not in iterations[:-1]
 
     # the config stored in the checkpoint is used when --config is not given
-    rc = _tool("test")(["--checkpoint", str(out / "model_final.pth"), "--json", str(tmp_path / "m.json"),
+    rc = load_tool("test")(["--checkpoint", str(out / "model_final.pth"), "--json", str(tmp_path / "m.json"),
                         f"train.output_dir={tmp_path / 'test'}"])
     assert rc == 0 and "Average Precision" in capsys.readouterr().out
     assert "segm/AP" in json.load(open(tmp_path / "m.json"))
 
-    rc = _tool("infer")(["--checkpoint", str(out / "model_final.pth"), "--input", str(root / "images" / "val"),
+    rc = load_tool("infer")(["--checkpoint", str(out / "model_final.pth"), "--input", str(root / "images" / "val"),
                          "--output", str(tmp_path / "infer"), "--score-thresh", "0.0"])
     assert rc == 0
     detections = json.load(open(tmp_path / "infer" / "detections.json"))
@@ -62,14 +53,14 @@ def test_train_test_infer_scripts(tmp_path, capsys):
 
 
 def test_train_reports_config_errors(capsys):
-    assert _tool("train")(["solver.lrr=0.1"]) == 2
+    assert load_tool("train")(["solver.lrr=0.1"]) == 2
     assert "did you mean 'solver.lr'?" in capsys.readouterr().err
 
 
 def test_default_config_is_the_shapes_demo():
     from resdet.config import load_config
 
-    import_main = _tool("train")
+    import_main = load_tool("train")
     assert import_main is not None
     cfg = load_config("configs/shapes/mask_rcnn_r34_fpn.yaml")
     assert (cfg.model.arch, cfg.model.backbone, cfg.data.dataset) == ("mask_rcnn", "resnet34", "shapes")
@@ -79,4 +70,4 @@ def test_default_config_is_the_shapes_demo():
 @pytest.mark.parametrize("bad", ["--checkpoint"])
 def test_test_script_needs_checkpoint(bad):
     with pytest.raises(SystemExit):
-        _tool("test")([bad])
+        load_tool("test")([bad])
