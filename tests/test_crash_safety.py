@@ -14,7 +14,7 @@ import torch
 from resdet.engine.checkpoint import CheckpointError, CheckpointManager, load_model_state
 from resdet.engine.trainer import Trainer, TrainingInterrupted
 from test_engine import tiny_cfg
-from test_tools import _tool
+from tool_loader import load_tool
 
 
 class _Evil:
@@ -58,10 +58,10 @@ def test_malicious_pickle_never_runs(tmp_path, capsys):
         read_state_dict(evil)
     for tool in ("test", "infer"):
         args = ["--checkpoint", str(evil)] + (["--input", str(tmp_path)] if tool == "infer" else [])
-        assert _tool(tool)(args) == 1
+        assert load_tool(tool)(args) == 1
         err = capsys.readouterr().err
         assert "evil.pth" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    rc = _tool("train")(["model.weights=" + str(evil), f"train.output_dir={tmp_path / 'o'}",
+    rc = load_tool("train")(["model.weights=" + str(evil), f"train.output_dir={tmp_path / 'o'}",
                          f"data.root={tmp_path / 'shapes'}", "data.shapes.num_train=2", "data.shapes.num_val=1",
                          "data.shapes.image_size=64"])
     assert rc == 1 and "evil.pth" in capsys.readouterr().err
@@ -76,16 +76,16 @@ def test_bad_checkpoint_files_give_one_line(trained, tmp_path, capsys, content, 
         data = (trained / "model_final.pth").read_bytes()
         content = data[: len(data) // 2]
     bad.write_bytes(content)
-    assert _tool("test")(["--checkpoint", str(bad)]) == 1
+    assert load_tool("test")(["--checkpoint", str(bad)]) == 1
     err = capsys.readouterr().err
     assert str(bad) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert any(w in err for w in words.split(" or "))
 
 
 def test_missing_checkpoint_and_resume_from_are_one_line(tmp_path, capsys):
-    assert _tool("test")(["--checkpoint", str(tmp_path / "nope.pth")]) == 1
+    assert load_tool("test")(["--checkpoint", str(tmp_path / "nope.pth")]) == 1
     assert "nope.pth" in capsys.readouterr().err
-    rc = _tool("train")(["--resume-from", str(tmp_path / "gone.pth"), f"train.output_dir={tmp_path / 'o'}",
+    rc = load_tool("train")(["--resume-from", str(tmp_path / "gone.pth"), f"train.output_dir={tmp_path / 'o'}",
                          f"data.root={tmp_path / 'shapes'}", "data.shapes.num_train=2", "data.shapes.num_val=1",
                          "data.shapes.image_size=64"])
     err = capsys.readouterr().err
@@ -96,13 +96,13 @@ def test_malformed_coco_json_is_one_line(tmp_path, capsys):
     ann = tmp_path / "ann.json"
     ann.write_text("{not json")
     (tmp_path / "img").mkdir()
-    rc = _tool("train")([f"data.root={tmp_path}", "data.dataset=coco", "data.train_images=img",
+    rc = load_tool("train")([f"data.root={tmp_path}", "data.dataset=coco", "data.train_images=img",
                          f"data.train_ann={ann}", f"train.output_dir={tmp_path / 'o'}", "model.backbone=resnet18"])
     err = capsys.readouterr().err
     assert rc == 1 and "ann.json" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     # --debug shows the traceback instead
     with pytest.raises(ValueError):
-        _tool("train")([f"data.root={tmp_path}", "data.dataset=coco", "data.train_images=img",
+        load_tool("train")([f"data.root={tmp_path}", "data.dataset=coco", "data.train_images=img",
                         f"data.train_ann={ann}", f"train.output_dir={tmp_path / 'o'}", "--debug"])
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from test_data_cityscapes import write_cityscapes
-from test_tools import _tool
+from tool_loader import load_tool
 
 TINY = ["solver.max_iter=2", "solver.steps=[]", "solver.warmup_iters=0", "data.batch_size=2", "data.num_workers=0",
         "train.progress_bar=false", "train.num_vis_images=1", "model.backbone_weights=null"]
@@ -15,13 +15,13 @@ DETECTOR_TINY = ["model.min_size=64", "model.max_size=96", "model.rpn_post_nms_t
 
 
 def _run_all(config, overrides, out, input_dir, capsys, names):
-    assert _tool("train")(["--config", config, *TINY, *overrides, f"train.output_dir={out}"]) == 0
+    assert load_tool("train")(["--config", config, *TINY, *overrides, f"train.output_dir={out}"]) == 0
     printed = capsys.readouterr().out
     assert all(n in printed for n in names), printed[-2000:]
-    assert _tool("test")(["--checkpoint", str(out / "model_final.pth"), f"train.output_dir={out / 'test'}"]) == 0
+    assert load_tool("test")(["--checkpoint", str(out / "model_final.pth"), f"train.output_dir={out / 'test'}"]) == 0
     printed = capsys.readouterr().out
     assert all(n in printed for n in names), printed[-2000:]
-    assert _tool("infer")(["--checkpoint", str(out / "model_final.pth"), "--input", str(input_dir),
+    assert load_tool("infer")(["--checkpoint", str(out / "model_final.pth"), "--input", str(input_dir),
                            "--output", str(out / "infer"), "--score-thresh", "0"]) == 0
     capsys.readouterr()
     results = json.load(open(out / "infer" / "detections.json"))
@@ -33,7 +33,7 @@ def test_cityscapes_mask_rcnn(tmp_path, capsys):
     root = tmp_path / "cityscapes"
     for split in ("train", "val"):
         write_cityscapes(root, split)
-        assert _tool("convert_cityscapes_to_coco")(
+        assert load_tool("convert_cityscapes_to_coco")(
             ["--root", str(root), "--split", split,
              "--out", str(root / "annotations" / f"instances_gtFine_{split}.json")])
     capsys.readouterr()

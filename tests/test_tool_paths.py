@@ -14,7 +14,8 @@ from PIL import Image
 
 from test_semantic_tools import CONFIG as SEMANTIC_CONFIG
 from test_semantic_tools import _tiny as semantic_tiny
-from test_tools import REPO, _tiny, _tool
+from test_tools import _tiny
+from tool_loader import REPO, load_tool
 
 
 def test_read_rgb_scales_16_bit_png(tmp_path):
@@ -58,7 +59,7 @@ def test_schedule_fractions_and_late_steps():
 
 
 def test_short_run_with_long_schedule_is_one_line(tmp_path, capsys):
-    rc = _tool("train")(_tiny(tmp_path / "shapes") + ["solver.max_iter=60", "solver.steps=[600,750]", "solver.warmup_iters=100",
+    rc = load_tool("train")(_tiny(tmp_path / "shapes") + ["solver.max_iter=60", "solver.steps=[600,750]", "solver.warmup_iters=100",
                                                   f"train.output_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
     assert rc == 1 and "solver.max_iter=60" in err and "fractions" in err and len(err.strip().splitlines()) == 1
@@ -66,7 +67,7 @@ def test_short_run_with_long_schedule_is_one_line(tmp_path, capsys):
 
 def test_semantic_train_test_infer_with_names(tmp_path, capsys):
     root, out = tmp_path / "shapes", tmp_path / "out"
-    rc = _tool("train")(["--config", SEMANTIC_CONFIG, *semantic_tiny(root, out), "solver.max_iter=2",
+    rc = load_tool("train")(["--config", SEMANTIC_CONFIG, *semantic_tiny(root, out), "solver.max_iter=2",
                          "solver.warmup_iters=1", "train.num_vis_images=1"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -81,7 +82,7 @@ def test_semantic_train_test_infer_with_names(tmp_path, capsys):
     Image.fromarray(np.full((64, 64), 3000, np.uint16)).save(inputs / "deep16.png")
     (inputs / "notes.txt").write_text("not an image")
     (inputs / "broken.jpg").write_text("not a jpeg either")
-    rc = _tool("infer")(["--checkpoint", str(out / "model_final.pth"), "--input", str(inputs),
+    rc = load_tool("infer")(["--checkpoint", str(out / "model_final.pth"), "--input", str(inputs),
                          "--output", str(tmp_path / "infer")])
     captured = capsys.readouterr()
     assert rc == 0 and "skipped 1 non-image files and 1 undecodable images" in captured.out
@@ -99,7 +100,7 @@ def test_detections_json_has_rle_masks_and_progress_lines(tmp_path, capsys):
     from pycocotools import mask as mask_util
 
     root, out = tmp_path / "shapes", tmp_path / "out"
-    rc = _tool("train")(_tiny(root) + ["solver.max_iter=2", "solver.warmup_iters=1", "solver.steps=[]",
+    rc = load_tool("train")(_tiny(root) + ["solver.max_iter=2", "solver.warmup_iters=1", "solver.steps=[]",
                                        "train.log_period=1", f"train.output_dir={out}", "train.num_vis_images=1",
                                        "train.progress_bar=false", "eval.vis_score_thresh=1.01",
                                        "eval.iou_types=[bbox]"])
@@ -108,7 +109,7 @@ def test_detections_json_has_rle_masks_and_progress_lines(tmp_path, capsys):
     for text in (printed, (out / "log.txt").read_text()):
         assert "iter 1/2" in text and "iter 2/2" in text and "s/it" in text and "ETA" in text and "lr " in text
     assert "no prediction reached eval.vis_score_thresh=1.01" in printed
-    rc = _tool("infer")(["--checkpoint", str(out / "model_final.pth"), "--input", str(root / "images" / "val"),
+    rc = load_tool("infer")(["--checkpoint", str(out / "model_final.pth"), "--input", str(root / "images" / "val"),
                          "--output", str(tmp_path / "infer"), "--score-thresh", "0.0"])
     assert rc == 0
     capsys.readouterr()
@@ -120,7 +121,7 @@ def test_detections_json_has_rle_masks_and_progress_lines(tmp_path, capsys):
 
 
 def test_no_evaluator_has_no_empty_final_line(tmp_path, capsys):
-    rc = _tool("train")(_tiny(tmp_path / "shapes") + ["solver.max_iter=1", "solver.warmup_iters=0", "solver.steps=[]",
+    rc = load_tool("train")(_tiny(tmp_path / "shapes") + ["solver.max_iter=1", "solver.warmup_iters=0", "solver.steps=[]",
                                                       f"train.output_dir={tmp_path / 'o'}", "eval.evaluator=none",
                                                       "train.progress_bar=false"])
     assert rc == 0
@@ -139,7 +140,7 @@ def test_only_rank_zero_prints_and_writes_json(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(dist, "destroy_distributed", lambda: state.update(rank=0))
     monkeypatch.setattr(inference, "config_for_checkpoint", lambda *a, **k: None)
     monkeypatch.setattr(inference, "evaluate_checkpoint", lambda cfg, ckpt: ({"mIoU": 0.5}, "SUMMARY TABLE"))
-    rc = _tool("test")(["--checkpoint", "x.pth", "--json", str(tmp_path / "m.json")])
+    rc = load_tool("test")(["--checkpoint", "x.pth", "--json", str(tmp_path / "m.json")])
     assert rc == 0 and "SUMMARY TABLE" not in capsys.readouterr().out
     assert not (tmp_path / "m.json").exists()
 

@@ -3,7 +3,8 @@ import importlib.util
 from pathlib import Path
 from typing import Callable
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+REPO = str(Path(__file__).resolve().parents[1])  # the repository root
+TOOLS = Path(REPO) / "tools"
 
 
 def load_tool(name: str) -> Callable[..., int]:
