@@ -12,6 +12,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .conv import Conv2d
 from .resnet import LEVELS, ResNet, build_resnet
 from .shape_spec import ShapeSpec
 
@@ -58,7 +59,8 @@ class LastLevelP6P7(nn.Module):
 
 
 def _conv_norm(cin: int, cout: int, kernel_size: int, norm: Optional[str]) -> nn.Sequential:
-    conv = nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=norm is None)
+    conv_type = Conv2d if kernel_size == 3 else nn.Conv2d
+    conv = conv_type(cin, cout, kernel_size, padding=kernel_size // 2, bias=norm is None)
     nn.init.kaiming_uniform_(conv.weight, a=1)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)

@@ -4,6 +4,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .conv import Conv2d, conv2d
+
 __all__ = ["NORMS", "FrozenBatchNorm2d", "conv_norm", "get_norm", "is_norm"]
 
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
@@ -82,12 +84,12 @@ def conv_norm(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
     state dict stay those of the separate modules (torchvision's names). CUDA keeps the separate ops
     (unmeasured there).
     """
-    if type(norm) is FrozenBatchNorm2d and type(conv) is nn.Conv2d and x.device.type == "cpu":
+    if type(norm) is FrozenBatchNorm2d and type(conv) in (nn.Conv2d, Conv2d) and x.device.type == "cpu":
         scale, shift = norm.scale_shift()
         # [O] -> [O, 1, 1, 1] scales every output filter.
         weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
         bias = shift if conv.bias is None else conv.bias * scale + shift
-        return conv._conv_forward(x, weight, bias.to(conv.weight.dtype))
+        return conv2d(conv, x, weight, bias.to(conv.weight.dtype))
     return norm(conv(x))
 
 

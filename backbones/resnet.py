@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .conv import Conv2d
 from .norm import NORMS, conv_norm, get_norm, is_norm
 from .shape_spec import ShapeSpec
 
@@ -59,7 +60,7 @@ def check_image_batch(x: Tensor, in_chans: int) -> None:
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(
+    return Conv2d(
         cin, cout, 3, stride=stride, padding=dilation, groups=groups, dilation=dilation, bias=False
     )
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
+from resdet.backbones.conv import Conv2d
 from resdet.backbones.norm import get_norm
 
 __all__ = ["NormSpec", "conv_norm_act", "init_convs_msra", "make_norm"]
@@ -33,14 +34,20 @@ def make_norm(norm: NormSpec, channels: int) -> nn.Module | None:
 def conv_norm_act(in_channels: int, out_channels: int, *, norm: NormSpec = None, dilation: int = 1) -> nn.Sequential:
     """3×3 conv (bias only without norm) → norm → ReLU, torchvision's ``Conv2dNormActivation``.
 
-    Parameter names are ``0.*`` (conv) and ``1.*`` (norm), as torchvision's heads have them.
+    Parameter names are ``0.*`` (conv) and ``1.*`` (norm), as torchvision's heads have them. The conv is
+    resdet's :class:`~resdet.backbones.conv.Conv2d` (Winograd on large CPU maps).
     """
     make_norm(norm, out_channels)  # fail here, with the norm's own message, on a bad spec
     norm_layer = None if norm is None or norm == "" else (lambda c: make_norm(norm, c))
-    return Conv2dNormActivation(
+    block = Conv2dNormActivation(
         in_channels, out_channels, kernel_size=3, dilation=dilation, norm_layer=norm_layer,
         activation_layer=nn.ReLU, inplace=True,
     )
+    plain = block[0]
+    block[0] = Conv2d(
+        in_channels, out_channels, 3, padding=plain.padding, dilation=plain.dilation, bias=plain.bias is not None
+    )
+    return block
 
 
 def init_convs_msra(module: nn.Module) -> None:

@@ -22,7 +22,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_area, roi_align
 
-from .roi_align import multi_level_roi_align
+from resdet.backbones.conv import eager_mode
+
+from .roi_align import multi_level_roi_align, pixel_table
 
 __all__ = ["MultiScaleRoIAlign", "map_levels"]
 
@@ -52,13 +54,6 @@ def _infer_scale(feature: Tensor, image_size: tuple[int, int]) -> float:
 
 
 _IMPLS = ("auto", "sparse", "torchvision")
-
-
-def _eager() -> bool:
-    """False while scripting, tracing, exporting to ONNX or compiling (torchvision's op is the traceable one)."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return False
-    return not torch.compiler.is_compiling()
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -101,7 +96,7 @@ class MultiScaleRoIAlign(nn.Module):
         self.impl = impl
 
     def _use_sparse(self, levels_x: list[Tensor]) -> bool:
-        if self.impl == "torchvision" or not _eager():
+        if self.impl == "torchvision" or not eager_mode():
             return False
         if self.impl == "auto" and any(x.device.type != "cpu" for x in levels_x):
             return False
@@ -109,13 +104,23 @@ class MultiScaleRoIAlign(nn.Module):
             return False
         return len({x.shape[1] for x in levels_x}) == 1
 
-    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self,
+        features: dict[str, Tensor],
+        boxes: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        *,
+        tables: dict[tuple[str, ...], Tensor] | None = None,
+    ) -> Tensor:
         """Pool every box.
 
         Args:
             features: level features Tensor[N, C, Hl, Wl] by name (other keys are ignored).
             boxes: per image Tensor[R_i, 4] in input pixels.
             image_sizes: per image ``(h, w)`` before padding (used to infer the level scales).
+            tables: a dict the caller keeps for one forward pass of several poolers over the same
+                ``features`` (the box and mask branches): the sparse op's pixel table of these levels
+                is built once, stored there under the level names, and reused.
 
         Returns:
             Tensor[R, C, Sh, Sw], RoIs in image order (channels-last strides from the sparse op).
@@ -141,9 +146,15 @@ class MultiScaleRoIAlign(nn.Module):
             else:
                 level = map_levels(all_boxes, int(-math.log2(scales[0])), int(-math.log2(scales[-1])),
                                    self.canonical_scale, self.canonical_level)
+            table = None
+            if tables is not None:
+                key = tuple(k for k in features if k in self.featmap_names)
+                table = tables.get(key)
+                if table is None:
+                    table = tables[key] = pixel_table(levels_x)
             # Tensor[R, C, Sh, Sw] with channels-last strides.
             return multi_level_roi_align(levels_x, rois, level, scales, self.output_size, self.sampling_ratio,
-                                         self.aligned)
+                                         self.aligned, table=table)
 
         def pool(x: Tensor, r: Tensor, scale: float) -> Tensor:
             return roi_align(x, r, self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio,

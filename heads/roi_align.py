@@ -213,37 +213,59 @@ def _transpose(index: Tensor, weight: Tensor, offsets: Tensor | None, num_pixels
     return bins[order], weight.reshape(-1)[order], starts
 
 
-class _SparseRoIAlign(torch.autograd.Function):
-    """Pools [B, C] bins from the levels through the map; backward is the transposed map."""
+class _PixelTable(torch.autograd.Function):
+    """Levels [N, C, Hl, Wl] -> one float32 [P, C] table (channels-last, image-major, level after level);
+    backward splits the [P, C] gradient back into the levels (channels-last strides)."""
 
     @staticmethod
-    def forward(ctx, index: Tensor, weight: Tensor, offsets: Tensor | None, out_dtype: torch.dtype,
-                *levels: Tensor) -> Tensor:
+    def forward(ctx, *levels: Tensor) -> Tensor:
         c = levels[0].shape[1]
         num_pixels = sum(x.numel() // c for x in levels)
-        with torch.autocast(levels[0].device.type, enabled=False):
-            out = _SparseRoIAlign._pool(index, weight, offsets, levels, num_pixels)
-        ctx.save_for_backward(index, weight, offsets)
-        ctx.shapes = [tuple(x.shape) for x in levels]
-        ctx.dtypes = [x.dtype for x in levels]
-        ctx.num_pixels = num_pixels
-        return out.to(out_dtype)
-
-    @staticmethod
-    def _pool(index: Tensor, weight: Tensor, offsets: Tensor | None, levels: tuple[Tensor, ...], num_pixels: int) -> Tensor:
-        c = levels[0].shape[1]
-        x = levels[0]
-        if len(levels) == 1 and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last):
-            table = x.permute(0, 2, 3, 1).reshape(num_pixels, c)  # a view: channels-last is already [P, C]
-            return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weight)
-        # [P, C] float32: every level flattened channels-last, image-major, levels one after the other.
         table = torch.empty((num_pixels, c), dtype=torch.float32, device=levels[0].device)
         at = 0
         for x in levels:
             n, _, h, w = x.shape
             table[at:at + n * h * w].view(n, h, w, c).copy_(x.permute(0, 2, 3, 1))  # NCHW -> NHWC
             at += n * h * w
-        return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weight)
+        ctx.shapes = [tuple(x.shape) for x in levels]
+        ctx.dtypes = [x.dtype for x in levels]
+        return table
+
+    @staticmethod
+    def backward(ctx, grad_table: Tensor):
+        grads = []
+        at = 0
+        for (n, c, h, w), dtype in zip(ctx.shapes, ctx.dtypes):
+            # [n*h*w, C] -> [n, C, h, w] (channels-last strides)
+            grads.append(grad_table[at:at + n * h * w].view(n, h, w, c).permute(0, 3, 1, 2).to(dtype))
+            at += n * h * w
+        return tuple(grads)
+
+
+def pixel_table(levels: Sequence[Tensor]) -> Tensor:
+    """The float32 Tensor[P, C] the sparse map reads: every level flattened channels-last, image-major,
+    levels one after the other (differentiable). One channels-last float32 level is a view, not a copy.
+
+    Pooling several RoI sets from the same levels (the box and mask branches) can share one table: its
+    gradient is summed once and split back into the levels once.
+    """
+    x = levels[0]
+    if len(levels) == 1 and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: channels-last is already [P, C]
+    with torch.autocast(x.device.type, enabled=False):
+        return _PixelTable.apply(*levels)
+
+
+class _SparseRoIAlign(torch.autograd.Function):
+    """Pools [B, C] bins from the [P, C] pixel table through the map; backward is the transposed map."""
+
+    @staticmethod
+    def forward(ctx, index: Tensor, weight: Tensor, offsets: Tensor | None, table: Tensor) -> Tensor:
+        with torch.autocast(table.device.type, enabled=False):
+            out = F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weight)
+        ctx.save_for_backward(index, weight, offsets)
+        ctx.num_pixels = table.shape[0]
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -252,18 +274,12 @@ class _SparseRoIAlign(torch.autograd.Function):
             bins, w_t, starts = _transpose(index, weight, offsets, ctx.num_pixels)
             grad_table = F.embedding_bag(bins, grad_out.to(torch.float32).contiguous(), starts, mode="sum",
                                          per_sample_weights=w_t)  # [P, C]
-        grads = []
-        at = 0
-        for (n, c, h, w), dtype in zip(ctx.shapes, ctx.dtypes):
-            # [n*h*w, C] -> [n, C, h, w] (channels-last strides)
-            grads.append(grad_table[at:at + n * h * w].view(n, h, w, c).permute(0, 3, 1, 2).to(dtype))
-            at += n * h * w
-        return (None, None, None, None, *grads)
+        return None, None, None, grad_table
 
 
 def multi_level_roi_align(
     levels: Sequence[Tensor], rois: Tensor, level: Tensor, scales: Sequence[float], output_size: int | tuple[int, int],
-    sampling_ratio: int = -1, aligned: bool = False,
+    sampling_ratio: int = -1, aligned: bool = False, *, table: Tensor | None = None,
 ) -> Tensor:
     """RoIAlign of each RoI on its own level, all levels through one sparse map.
 
@@ -275,6 +291,7 @@ def multi_level_roi_align(
         output_size: ``S`` or ``(Sh, Sw)``.
         sampling_ratio: as torchvision's ``roi_align``.
         aligned: as torchvision's ``roi_align``.
+        table: ``pixel_table(levels)`` when the caller already has it (shared between poolers).
 
     Returns:
         Tensor[R, C, Sh, Sw] in the levels' dtype, channels-last strides.
@@ -287,7 +304,9 @@ def multi_level_roi_align(
     index, weight, offsets = bilinear_map(
         rois, level, scales, [(x.shape[0], x.shape[2], x.shape[3]) for x in levels], output_size, sampling_ratio, aligned
     )
-    out = _SparseRoIAlign.apply(index, weight, offsets, levels[0].dtype, *levels)  # [B, C]
+    if table is None:
+        table = pixel_table(levels)
+    out = _SparseRoIAlign.apply(index, weight, offsets, table).to(levels[0].dtype)  # [B, C]
     return out.view(r, output_size[0], output_size[1], c).permute(0, 3, 1, 2)  # [R, Sh, Sw, C] -> [R, C, Sh, Sw]
 
 

@@ -277,17 +277,25 @@ class RoIHeads(nn.Module):
         if self.training:
             proposals, matched_idxs, labels, matched_gt_boxes = self.select_training_samples(proposals, targets)
 
-        box_features = self.box_head(self.box_roi_pool(features, proposals, image_sizes))
-        class_logits, box_regression = self.box_predictor(box_features)
+        tables: dict = {}  # the box and mask poolers share one pixel table of the levels (sparse RoIAlign)
+        box_pooled = _pool(self.box_roi_pool, features, proposals, image_sizes, tables)
+        if self.training and self.has_mask:
+            # The positives are known before the box head runs: pool them now, so the shared table is
+            # freed before either head adds its activations.
+            pos = [torch.where(lab > 0)[0] for lab in labels]
+            mask_props = [p[i] for p, i in zip(proposals, pos)]
+            pos_idxs = [m[i] for m, i in zip(matched_idxs, pos)]
+            pos_labels = torch.cat([lab[i] for lab, i in zip(labels, pos)])
+            mask_pooled = _pool(self.mask_roi_pool, features, mask_props, image_sizes, tables)
+        if self.training:
+            tables.clear()
+        class_logits, box_regression = self.box_predictor(self.box_head(box_pooled))
+        del box_pooled
 
         if self.training:
             losses = self.box_losses(class_logits, box_regression, proposals, labels, matched_gt_boxes)
             if self.has_mask:
-                pos = [torch.where(lab > 0)[0] for lab in labels]
-                mask_props = [p[i] for p, i in zip(proposals, pos)]
-                pos_idxs = [m[i] for m, i in zip(matched_idxs, pos)]
-                pos_labels = torch.cat([lab[i] for lab, i in zip(labels, pos)])
-                mask_logits = self._mask_logits(self.mask_roi_pool(features, mask_props, image_sizes), pos_labels)
+                mask_logits = self._mask_logits(mask_pooled, pos_labels)
                 losses["loss_mask"] = mask_loss(
                     mask_logits, mask_props, [t["masks"] for t in targets], [t["labels"] for t in targets], pos_idxs
                 )
@@ -297,7 +305,15 @@ class RoIHeads(nn.Module):
         if self.has_mask:
             boxes = [r["boxes"] for r in results]
             det_labels = torch.cat([r["labels"] for r in results])
-            mask_logits = self._mask_logits(self.mask_roi_pool(features, boxes, image_sizes), det_labels)
+            mask_logits = self._mask_logits(_pool(self.mask_roi_pool, features, boxes, image_sizes, tables), det_labels)
             for r, probs in zip(results, mask_probs(mask_logits, [r["labels"] for r in results])):
                 r["masks"] = probs
         return results, {}
+
+
+def _pool(pooler: nn.Module, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]],
+          tables: dict) -> Tensor:
+    """``pooler(features, boxes, image_sizes)``, sharing ``tables`` when it is resdet's MultiScaleRoIAlign."""
+    if isinstance(pooler, MultiScaleRoIAlign):
+        return pooler(features, boxes, image_sizes, tables=tables)
+    return pooler(features, boxes, image_sizes)

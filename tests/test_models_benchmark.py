@@ -22,3 +22,13 @@ def test_benchmark_pair_smoke():
 def test_normalize_depth():
     assert normalize_depth("34") == normalize_depth("r34") == normalize_depth("resnet34") == "resnet34"
     assert normalize_depth("resnext50_32x4d") == "resnext50_32x4d"
+
+
+def test_benchmark_cli_times_here_and_measures_memory_in_a_child(capsys):
+    from tool_loader import load_tool
+
+    load_tool("benchmark")(["--arch", "faster", "--depth", "18", "--sizes", "64x80", "--train", "--iters", "1", "--warmup", "0",
+               "--measure", "infer", "memory", "--threads", "2"])
+    out = capsys.readouterr().out
+    assert "| faster_rcnn_resnet18_fpn | infer 64x80 as built |" in out
+    assert "| faster_rcnn_resnet18_fpn | infer peak mem 64x80 as built |" in out  # from the child process

@@ -49,35 +49,93 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-winograd", action="store_true",
+                   help="resdet without its NNPACK/Winograd 3x3 convolutions (resdet.backbones.conv.set_winograd)")
     p.add_argument("--onnx", action="store_true",
                    help="also time the ONNX export in onnxruntime against resdet and torchvision in PyTorch")
+    p.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # internal: the memory child's output
     return p.parse_args(argv)
 
 
+def _without_measure(argv: list[str]) -> list[str]:
+    """argv minus ``--measure`` and its values (the memory child gets its own)."""
+    out, skipping = [], False
+    for a in argv:
+        if a == "--measure":
+            skipping = True
+            continue
+        if skipping and not a.startswith("--"):
+            continue
+        skipping = False
+        out.append(a)
+    return out
+
+
+def _memory_rows_in_child(argv: list[str]) -> list:
+    """The peak-memory rows, measured by this script in a child process whose allocator maps every large
+    tensor (so freed memory leaves the process and peak RSS tracks live memory). Timings stay in this
+    process, under the allocator users run with."""
+    import json
+    import subprocess
+    import tempfile
+
+    from resdet.benchmark import Row
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        subprocess.run([sys.executable, __file__, *argv, "--measure", "memory", "--rows-json", out], env=env, check=True)
+        with open(out) as f:
+            rows = [Row(**r) for r in json.load(f)]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
-    # Large tensors via mmap so freed memory leaves the process and peak-RSS figures track live memory.
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     import torch
 
     from resdet import benchmark
 
     if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, amp {args.amp}")
-    gemm = benchmark.gemm_gflops(torch.device(args.device))
+        torch.set_num_threads(args.threads)  # before the first NNPACK call, which sizes its thread pool
+    if args.no_winograd:
+        from resdet.backbones.conv import set_winograd
+
+        set_winograd(False)
+    child = args.rows_json is not None
+    measure = tuple(args.measure)
+    memory_rows = []
+    if "memory" in measure and not child:
+        memory_rows = _memory_rows_in_child(_without_measure(argv))
+        measure = tuple(m for m in measure if m != "memory")
+    if not child:
+        print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, amp {args.amp}, "
+              f"winograd {not args.no_winograd}")
+    gemm = None if child else benchmark.gemm_gflops(torch.device(args.device))
     rows = []
     for arch in args.arch:
         for depth in args.depth:
             new = benchmark.benchmark_pair(
                 arch, depth, sizes=tuple(args.sizes), iters=args.iters, warmup=args.warmup, train=tuple(args.train),
-                train_iters=args.train_iters, device=args.device, amp=args.amp, measure=tuple(args.measure),
+                train_iters=args.train_iters, device=args.device, amp=args.amp, measure=measure,
             )
+            if child:
+                rows += [r for r in new if "mem" in r.metric]
+                continue
             print(benchmark.format_rows(new), flush=True)
             rows += new
-    if "roi_align" in args.measure:
+    if child:
+        import dataclasses
+        import json
+
+        with open(args.rows_json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in rows], f)
+        return
+    rows += memory_rows
+    if memory_rows:
+        print(benchmark.format_rows(memory_rows), flush=True)
+    if "roi_align" in measure:
         rows.append(benchmark.bench_multiscale_roi_align(device=args.device))
     print("\nratio = resdet / torchvision; < 1 means resdet is faster / smaller\n")
     print(benchmark.format_markdown(rows, gemm))
