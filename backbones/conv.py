@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "GRID_MIN_CHANNELS", "GRID_MIN_PIXELS", "MIN_CHANNELS", "MIN_PIXELS", "WGRAD_MAX_PIXELS",
-    "Conv2d", "conv2d", "eager_mode", "set_winograd", "use_winograd", "winograd_enabled",
+    "PLAIN_CONVS", "Conv2d", "conv2d", "eager_mode", "set_winograd", "use_winograd", "winograd_enabled",
 ]
 
 MIN_CHANNELS = 128
@@ -199,7 +199,10 @@ def _nnpack_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         x = x.contiguous()
         out = x.new_empty((n, weight.shape[0], h, w))
         for i in range(n):
-            torch.ops.aten._nnpack_spatial_convolution.out(x[i : i + 1], weight, bias, [1, 1], [1, 1], out=out[i : i + 1])
+            # One image at a time, written straight into its slice of the batch output.
+            torch.ops.aten._nnpack_spatial_convolution.out(
+                x[i : i + 1], weight, bias, [1, 1], [1, 1], out=out[i : i + 1]
+            )
         return out
     rows, cols = _grid(n)
     y = torch._nnpack_spatial_convolution(_to_grid(x, rows, cols), weight, bias, [1, 1], [1, 1])
@@ -315,3 +318,8 @@ class Conv2d(nn.Conv2d):
             return self._conv_forward(x, self.weight, self.bias)
         else:
             return conv2d(self, x, self.weight, self.bias)
+
+
+PLAIN_CONVS = (nn.Conv2d, Conv2d)
+"""Convolution types whose forward is a plain convolution of their own weight and bias (what BatchNorm
+folding and the 1×1-as-GEMM swap may rewrite)."""

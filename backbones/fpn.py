@@ -59,8 +59,7 @@ class LastLevelP6P7(nn.Module):
 
 
 def _conv_norm(cin: int, cout: int, kernel_size: int, norm: Optional[str]) -> nn.Sequential:
-    conv_type = Conv2d if kernel_size == 3 else nn.Conv2d
-    conv = conv_type(cin, cout, kernel_size, padding=kernel_size // 2, bias=norm is None)
+    conv = Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=norm is None)
     nn.init.kaiming_uniform_(conv.weight, a=1)
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)

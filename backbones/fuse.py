@@ -27,12 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .conv import Conv2d
+from .conv import PLAIN_CONVS
 
 __all__ = ["PointwiseConv2d", "fuse_bn", "fold_bn_into_conv", "is_foldable_bn", "pointwise_convs_as_matmul"]
-
-# Convolutions whose forward is a plain convolution of their own weight and bias.
-_PLAIN_CONVS = (nn.Conv2d, Conv2d)
 
 
 def is_foldable_bn(module: nn.Module) -> bool:
@@ -73,7 +70,7 @@ def _fuse_children(parent: nn.Module) -> int:
         names = list(children)
         for a, b in zip(names, names[1:]):
             conv, bn = getattr(parent, a), getattr(parent, b)
-            if type(conv) in _PLAIN_CONVS and is_foldable_bn(bn):
+            if type(conv) in PLAIN_CONVS and is_foldable_bn(bn):
                 setattr(parent, a, fold_bn_into_conv(conv, bn))
                 setattr(parent, b, nn.Identity())
                 count += 1
@@ -82,7 +79,7 @@ def _fuse_children(parent: nn.Module) -> int:
         if not name.startswith("bn") or not is_foldable_bn(bn):
             continue
         conv = children.get("conv" + name[2:])
-        if type(conv) in _PLAIN_CONVS:
+        if type(conv) in PLAIN_CONVS:
             setattr(parent, "conv" + name[2:], fold_bn_into_conv(conv, bn))
             setattr(parent, name, nn.Identity())
             count += 1
@@ -123,7 +120,7 @@ class PointwiseConv2d(nn.Conv2d):
 
 def _is_pointwise(conv: nn.Module) -> bool:
     return (
-        type(conv) in _PLAIN_CONVS
+        type(conv) in PLAIN_CONVS
         and conv.kernel_size == (1, 1)
         and conv.stride == (1, 1)
         and conv.padding == (0, 0)

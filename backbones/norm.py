@@ -4,7 +4,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .conv import Conv2d, conv2d
+from .conv import PLAIN_CONVS, conv2d
 
 __all__ = ["NORMS", "FrozenBatchNorm2d", "conv_norm", "get_norm", "is_norm"]
 
@@ -84,7 +84,7 @@ def conv_norm(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
     state dict stay those of the separate modules (torchvision's names). CUDA keeps the separate ops
     (unmeasured there).
     """
-    if type(norm) is FrozenBatchNorm2d and type(conv) in (nn.Conv2d, Conv2d) and x.device.type == "cpu":
+    if type(norm) is FrozenBatchNorm2d and type(conv) in PLAIN_CONVS and x.device.type == "cpu":
         scale, shift = norm.scale_shift()
         # [O] -> [O, 1, 1, 1] scales every output filter.
         weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)

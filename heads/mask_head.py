@@ -111,7 +111,8 @@ class MaskPredictor(nn.Sequential):
 
         Such a deconv gives every input pixel its own 2×2 output block, ``y[r, :, 2i+a, 2j+b] =
         W[:, :, a, b]^T x[r, :, i, j] + b``: a [R*S*S, C] × [C, 4*D] product over all RoIs at once, with
-        no overlap to sum. CPU ConvTranspose2d kernels took ~100 ms on 100 RoIs; the product ~60 ms.
+        no overlap to sum. On 100 RoIs of 256×14×14 (2 CPU threads) this path took ~100–110 ms against
+        ~155–165 ms for ConvTranspose2d + ReLU + einsum.
         """
         r, c, s, _ = x.shape
         deconv = self.conv5_mask

@@ -67,17 +67,22 @@ class RPNHead(nn.Module):
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Per level ``(Tensor[N, A, Hl, Wl] logits, Tensor[N, A * 4, Hl, Wl] deltas)``, as two lists."""
         logits, deltas = [], []
+        matmul = eager_mode() and all(f.device.type == "cpu" for f in features)
+        if matmul:
+            # Both predictors as one [5A, C] weight and [5A] bias.
+            weight = torch.cat([self.cls_logits.weight, self.bbox_pred.weight]).flatten(1)
+            bias = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])
         for feature in features:
             t = self.conv(feature)
-            if eager_mode() and t.device.type == "cpu" and t.is_contiguous():
-                logit, delta = self._predict_matmul(t)
+            if matmul and t.is_contiguous():
+                logit, delta = self._predict_matmul(t, weight, bias)
             else:
                 logit, delta = self.cls_logits(t), self.bbox_pred(t)
             logits.append(logit)
             deltas.append(delta)
         return logits, deltas
 
-    def _predict_matmul(self, t: Tensor) -> tuple[Tensor, Tensor]:
+    def _predict_matmul(self, t: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """Both 1×1 predictors as one matrix product over NCHW pixels (same result as the two convs).
 
         CPU convolution kernels are slow for 3 or 12 output channels (forward and backward took ~140 ms
@@ -85,8 +90,6 @@ class RPNHead(nn.Module):
         """
         n, c, h, w = t.shape
         a = self.cls_logits.out_channels
-        weight = torch.cat([self.cls_logits.weight, self.bbox_pred.weight]).flatten(1)  # [5A, C]
-        bias = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])  # [5A]
         # Per image [5A, C] @ [C, H*W] -> [5A, H*W], + bias per output channel; stacked: [N, 5A, H, W].
         y = torch.stack([torch.addmm(bias[:, None], weight, t[i].view(c, h * w)) for i in range(n)]).view(n, -1, h, w)
         return y[:, :a], y[:, a:]

@@ -84,7 +84,8 @@ def _memory_rows_in_child(argv: list[str]) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        subprocess.run([sys.executable, __file__, *argv, "--measure", "memory", "--rows-json", out], env=env, check=True)
+        command = [sys.executable, __file__, *argv, "--measure", "memory", "--rows-json", out]
+        subprocess.run(command, env=env, check=True)
         with open(out) as f:
             rows = [Row(**r) for r in json.load(f)]
     return rows

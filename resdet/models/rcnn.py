@@ -101,9 +101,8 @@ class GeneralizedRCNN(nn.Module):
         entries leave the state dict and training would not update BatchNorm statistics. Call it
         after loading weights.
         """
-        from resdet.backbones.fuse import fuse_bn, pointwise_convs_as_matmul
-
         from resdet.backbones.conv import winograd_enabled
+        from resdet.backbones.fuse import fuse_bn, pointwise_convs_as_matmul
 
         self.eval()
         fuse_bn(self)
