@@ -3,7 +3,7 @@
 Importing this package also registers the ``resdet_*`` classifiers with timm (``timm_models``).
 """
 from .fpn import FPN, TOP_BLOCKS, BackboneWithFPN, LastLevelMaxPool, LastLevelP6P7, build_resnet_fpn, resnet_fpn_backbone
-from .norm import NORMS, FrozenBatchNorm2d, get_norm
+from resdet.layers.norm import NORMS, FrozenBatchNorm2d, get_norm
 from .resnet import (
     LEVELS,
     RESNETS,
@@ -19,7 +19,7 @@ from .resnet import (
     resnext50_32x4d,
     wide_resnet50_2,
 )
-from .shape_spec import ShapeSpec
+from resdet.layers.shape_spec import ShapeSpec
 from .weights import load_checkpoint, load_resnet_weights
 from . import timm_models  # noqa: E402  (registers resdet_* with timm)
 from .timm_models import ResNetClassifier

@@ -12,9 +12,9 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .conv import Conv2d
+from resdet.layers.conv import Conv2d
 from .resnet import LEVELS, ResNet, build_resnet
-from .shape_spec import ShapeSpec
+from resdet.layers.shape_spec import ShapeSpec
 
 __all__ = [
     "FPN",

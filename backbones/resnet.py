@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .conv import Conv2d
-from .norm import NORMS, conv_norm, get_norm, is_norm
-from .shape_spec import ShapeSpec
+from resdet.layers.conv import Conv2d
+from resdet.layers.norm import NORMS, conv_norm, get_norm, is_norm
+from resdet.layers.shape_spec import ShapeSpec
 
 __all__ = [
     "LEVELS",

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from resdet.backbones.conv import eager_mode
+from resdet.layers.conv import eager_mode
 
-from .layers import NormSpec, conv_norm_act, init_convs_msra
+from resdet.layers.blocks import NormSpec, conv_norm_act, init_convs_msra
 
 __all__ = ["MaskHead", "MaskPredictor", "mask_loss", "mask_probs"]
 
@@ -32,7 +32,7 @@ class MaskHead(nn.Sequential):
         in_channels: C.
         layers: output channels of each conv (default four of 256).
         dilation: conv dilation.
-        norm: None (torchvision v1), ``"bn"`` (v2), ``"gn"`` or any :data:`~resdet.heads.layers.NormSpec`.
+        norm: None (torchvision v1), ``"bn"`` (v2), ``"gn"`` or any :data:`~resdet.layers.blocks.NormSpec`.
 
     Parameter names are torchvision's ``MaskRCNNHeads``: ``{i}.0.weight`` (conv), ``{i}.1.*`` (norm);
     the pre-0.13 names ``mask_fcn{i+1}.*`` load too.

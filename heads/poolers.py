@@ -11,7 +11,7 @@ pooled levels, and each level's scale is inferred as ``2 ** round(log2(feature_h
 largest unpadded image size, as torchvision's ``MultiScaleRoIAlign``.
 
 On CPU (outside scripting, tracing, ONNX export and ``torch.compile``) all levels are pooled by
-:func:`resdet.heads.roi_align.multi_level_roi_align`, one sparse product for every level, forward
+:func:`resdet.layers.roi_align.multi_level_roi_align`, one sparse product for every level, forward
 and backward, several times faster than torchvision's per-level ``roi_align`` loop; elsewhere (CUDA,
 exports) by torchvision's op. ``impl`` forces either.
 """
@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_area, roi_align
 
-from resdet.backbones.conv import eager_mode
+from resdet.layers.conv import eager_mode
 
-from .roi_align import multi_level_roi_align, pixel_table
+from resdet.layers.roi_align import multi_level_roi_align, pixel_table
 
 __all__ = ["MultiScaleRoIAlign", "map_levels"]
 

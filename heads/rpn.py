@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
-from resdet.backbones.conv import Conv2d, eager_mode
+from resdet.layers.conv import Conv2d, eager_mode
 
 from .anchors import AnchorGenerator
-from .box_ops import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from resdet.layers.box_ops import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 
 __all__ = ["RPNHead", "RegionProposalNetwork"]
 

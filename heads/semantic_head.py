@@ -21,9 +21,9 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resdet.backbones.shape_spec import ShapeSpec
+from resdet.layers.shape_spec import ShapeSpec
 
-from .layers import conv_norm_act, init_convs_msra
+from resdet.layers.blocks import conv_norm_act, init_convs_msra
 
 __all__ = ["SemanticFPNHead"]
 

@@ -137,7 +137,7 @@ def count_flops(fn: Callable[[], object]) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from resdet.backbones.conv import use_winograd
+    from resdet.layers.conv import use_winograd
 
     with FlopCounterMode(display=False) as counter, use_winograd(False):
         fn()

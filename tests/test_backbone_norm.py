@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from resdet.backbones import resnet18, resnet50
-from resdet.backbones.norm import FrozenBatchNorm2d, conv_norm
+from resdet.layers.norm import FrozenBatchNorm2d, conv_norm
 
 
 def _spread(model: nn.Module) -> nn.Module:
@@ -50,7 +50,7 @@ def test_resnet_frozen_bn_folded_in_train_and_eval(build, monkeypatch):
     plain = copy.deepcopy(model)
     plain.zero_grad(set_to_none=True)
     # Without folding: conv_norm falls back to norm(conv(x)) for modules it does not recognise.
-    monkeypatch.setattr("resdet.backbones.norm.FrozenBatchNorm2d", type("Other", (), {}))
+    monkeypatch.setattr("resdet.layers.norm.FrozenBatchNorm2d", type("Other", (), {}))
     ref = plain(x)
     sum(v.sum() for v in ref.values()).backward()
     for k in out:

@@ -6,8 +6,8 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
 
-import resdet.backbones.conv as conv_mod
-from resdet.backbones.conv import Conv2d, set_winograd, winograd_enabled
+import resdet.layers.conv as conv_mod
+from resdet.layers.conv import Conv2d, set_winograd, winograd_enabled
 from resdet.models import from_torchvision
 
 pytestmark = pytest.mark.skipif(not winograd_enabled(), reason="this PyTorch build has no NNPACK")

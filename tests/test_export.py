@@ -177,7 +177,7 @@ def test_exportable_rejects_other_models():
 
 
 def test_paste_masks_traceable_equals_eager_paste():
-    from resdet.heads.mask_paste import paste_masks
+    from resdet.layers.mask_paste import paste_masks
 
     masks = torch.rand(4, 1, 28, 28)
     boxes = torch.tensor([[10.0, 20, 50, 60], [-5, -3, 30, 30], [100, 50, 200, 120], [5, 5, 6.5, 7]])

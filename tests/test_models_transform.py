@@ -6,7 +6,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d as TVFrozenBN
 
 from resdet.backbones import resnet18, resnet50
-from resdet.backbones.fuse import fuse_bn
+from resdet.layers.fuse import fuse_bn
 from resdet.models.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform, resize_boxes
 
 

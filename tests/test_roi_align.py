@@ -7,7 +7,7 @@ from torchvision.ops import MultiScaleRoIAlign as TVMultiScaleRoIAlign
 from torchvision.ops import roi_align as tv_roi_align
 
 from resdet.heads import MultiScaleRoIAlign
-from resdet.heads.roi_align import multi_level_roi_align, roi_align
+from resdet.layers.roi_align import multi_level_roi_align, roi_align
 
 
 def _rois(n: int, image_size: float, num_images: int = 2, min_size: float = 2.0, max_size: float = 60.0) -> torch.Tensor:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from resdet.backbones.shape_spec import ShapeSpec
+from resdet.layers.shape_spec import ShapeSpec
 from resdet.heads.semantic_head import SemanticFPNHead
 
 SHAPES = {f"p{i}": ShapeSpec(16, 2**i) for i in range(2, 6)}

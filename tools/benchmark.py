@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-winograd", action="store_true",
-                   help="resdet without its NNPACK/Winograd 3x3 convolutions (resdet.backbones.conv.set_winograd)")
+                   help="resdet without its NNPACK/Winograd 3x3 convolutions (resdet.layers.conv.set_winograd)")
     p.add_argument("--onnx", action="store_true",
                    help="also time the ONNX export in onnxruntime against resdet and torchvision in PyTorch")
     p.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # internal: the memory child's output
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)  # before the first NNPACK call, which sizes its thread pool
     if args.no_winograd:
-        from resdet.backbones.conv import set_winograd
+        from resdet.layers.conv import set_winograd
 
         set_winograd(False)
     child = args.rows_json is not None

@@ -88,21 +88,21 @@ class GeneralizedRCNN(nn.Module):
     def optimize_for_inference(self, *, channels_last: bool | None = None) -> GeneralizedRCNN:
         """Makes CPU/GPU inference faster without changing results beyond float rounding.
 
-        * Folds eval-mode / frozen BatchNorm into the preceding convolutions (``backbones.fuse``).
+        * Folds eval-mode / frozen BatchNorm into the preceding convolutions (``resdet.layers.fuse``).
         * With ``channels_last``: the backbone and the convolutional RoI heads (mask head, ``4conv1fc``
           box head) run in channels-last memory format, and 1×1 stride-1 backbone convolutions run as
           one matrix product over pixels (``PointwiseConv2d``); on CUDA, FPN outputs are handed to
           torchvision's RoIAlign in NCHW once per level (on CPU they stay channels-last).
           ``None`` (default): channels-last unless the model is on CPU with resdet's Winograd
-          convolutions on (``resdet.backbones.conv``), which read NCHW; there the conversions cost more
+          convolutions on (``resdet.layers.conv``), which read NCHW; there the conversions cost more
           than channels-last saves (measured 1–2 % slower at 800×1066).
 
         Puts the model in eval mode and returns it. The result is for inference only: BatchNorm
         entries leave the state dict and training would not update BatchNorm statistics. Call it
         after loading weights.
         """
-        from resdet.backbones.conv import winograd_enabled
-        from resdet.backbones.fuse import fuse_bn, pointwise_convs_as_matmul
+        from resdet.layers.conv import winograd_enabled
+        from resdet.layers.fuse import fuse_bn, pointwise_convs_as_matmul
 
         self.eval()
         fuse_bn(self)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resdet.backbones.fpn import build_resnet_fpn
-from resdet.backbones.shape_spec import ShapeSpec
+from resdet.layers.shape_spec import ShapeSpec
 from resdet.heads.semantic_head import SemanticFPNHead
 
 from .validation import check_images, check_sem_seg_targets

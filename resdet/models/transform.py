@@ -191,7 +191,7 @@ class DetectionTransform(ImageBatcher):
 
         ``masks`` come in as Tensor[D, 1, 28, 28] probabilities and leave as Tensor[D, 1, H, W].
         """
-        from resdet.heads.mask_paste import paste_masks
+        from resdet.layers.mask_paste import paste_masks
 
         for result, size, original in zip(results, image_sizes, original_sizes):
             boxes = resize_boxes(result["boxes"], size, original)

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from resdet.backbones.conv import Conv2d
-from resdet.backbones.norm import get_norm
+from .conv import Conv2d
+from .norm import get_norm
 
 __all__ = ["NormSpec", "conv_norm_act", "init_convs_msra", "make_norm"]
 
 NormSpec = str | Callable[[int], nn.Module] | None
-"""A norm: ``None``/``""`` (none), a name of :func:`resdet.backbones.norm.get_norm` (``"bn"``,
+"""A norm: ``None``/``""`` (none), a name of :func:`resdet.layers.norm.get_norm` (``"bn"``,
 ``"frozen_bn"``, ``"sync_bn"``, ``"gn"``: 32 groups) or a factory ``channels -> Module``."""
 
 
@@ -35,7 +35,7 @@ def conv_norm_act(in_channels: int, out_channels: int, *, norm: NormSpec = None,
     """3×3 conv (bias only without norm) → norm → ReLU, torchvision's ``Conv2dNormActivation``.
 
     Parameter names are ``0.*`` (conv) and ``1.*`` (norm), as torchvision's heads have them. The conv is
-    resdet's :class:`~resdet.backbones.conv.Conv2d` (Winograd on large CPU maps).
+    resdet's :class:`~resdet.layers.conv.Conv2d` (Winograd on large CPU maps).
     """
     make_norm(norm, out_channels)  # fail here, with the norm's own message, on a bad spec
     norm_layer = None if norm is None or norm == "" else (lambda c: make_norm(norm, c))

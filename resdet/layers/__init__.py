@@ -1,0 +1,23 @@
+"""Primitives shared by the backbones and the heads (as detectron2's ``layers`` and torchvision's ``ops``).
+
+Nothing here imports ``resdet.backbones``, ``resdet.heads`` or ``resdet.models``; they import from here.
+
+* :mod:`.conv`: ``Conv2d`` (3×3 convolutions by Winograd's algorithm on CPU), ``PLAIN_CONVS``.
+* :mod:`.norm`: ``FrozenBatchNorm2d``, ``get_norm``, a frozen BatchNorm folded into its convolution.
+* :mod:`.fuse`: BatchNorm folding and 1×1 convolutions as matrix products for deployment.
+* :mod:`.blocks`: conv-norm-activation blocks and init helpers of the heads.
+* :mod:`.shape_spec`: ``ShapeSpec`` (channels and stride of a named feature map).
+* :mod:`.roi_align`: RoIAlign on CPU as one sparse linear map.
+* :mod:`.box_ops`: box coder, matcher, sampler, box losses.
+* :mod:`.mask_paste`: RoI masks pasted into full-size images.
+"""
+from .box_ops import BOX_LOSSES, BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_regression_loss
+from .conv import PLAIN_CONVS, Conv2d
+from .mask_paste import paste_masks
+from .norm import NORMS, FrozenBatchNorm2d, get_norm, is_norm
+from .shape_spec import ShapeSpec
+
+__all__ = [
+    "BOX_LOSSES", "NORMS", "PLAIN_CONVS", "BalancedPositiveNegativeSampler", "BoxCoder", "Conv2d",
+    "FrozenBatchNorm2d", "Matcher", "ShapeSpec", "box_regression_loss", "get_norm", "is_norm", "paste_masks",
+]
