@@ -153,7 +153,9 @@ def _build(cfg: Config, *, train: bool, transforms) -> Dataset:
 
 def check_num_classes(cfg: Config, dataset: Dataset, *, where: str) -> None:
     """Stop at start when the data's classes and ``model.num_classes`` disagree (detection tasks)."""
-    if cfg.data.task == "semantic" or cfg.model.arch == "semantic_fpn":
+    from resdet.models import arch_task
+
+    if cfg.data.task == "semantic" or arch_task(cfg.model.arch) not in ("detection", "instance"):
         return
     wanted = getattr(dataset, "num_classes", None)
     if wanted is None or int(wanted) == cfg.model.num_classes:
@@ -296,7 +298,9 @@ def build_evaluator(cfg: Config, dataset: Dataset, *, output_dir: str | None = N
     if coco is None:
         raise ValueError(f"eval.evaluator=coco needs a dataset with a pycocotools ground truth (.coco); "
                          f"{type(dataset).__name__} has none — convert it with tools/convert_*_to_coco.py")
-    iou_types = [t for t in cfg.eval.iou_types if t != "segm" or cfg.model.arch == "mask_rcnn"]
+    from resdet.models import arch_task
+
+    iou_types = [t for t in cfg.eval.iou_types if t != "segm" or arch_task(cfg.model.arch) == "instance"]
     mapping = (label_space.label_to_cat_id() if label_space is not None
                else getattr(dataset, "contiguous_to_cat_id", None))
     return COCOEvaluator(coco, mapping, iou_types=iou_types, output_dir=output_dir)

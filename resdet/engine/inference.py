@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from resdet.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
-from resdet.models import build_model
+from resdet.models import arch_task, build_model
 
 from . import distributed as dist
 from resdet.data.label_space import TORCHVISION_COCO_NUM_CLASSES, LabelSpace, check_label_space, label_space_of
@@ -108,7 +108,7 @@ def load_model(cfg: Config, checkpoint: str | os.PathLike, *, device: torch.devi
         model.label_space = LabelSpace.from_checkpoint(extras)
     else:
         space = None
-        if cfg.model.arch != "semantic_fpn" and _checkpoint_classes(state) == TORCHVISION_COCO_NUM_CLASSES:
+        if arch_task(cfg.model.arch) in ("detection", "instance") and _checkpoint_classes(state) == TORCHVISION_COCO_NUM_CLASSES:
             space = LabelSpace.torchvision_coco()
             if cfg.model.num_classes != space.num_classes:
                 print(f"{os.fspath(checkpoint)}: torchvision COCO checkpoint (91-way predictor, labels are COCO "
@@ -151,7 +151,7 @@ def infer_images(cfg: Config, checkpoint: str | os.PathLike, inputs: Sequence[st
     model, meta = load_model(cfg, checkpoint, device=device)
     thresh = cfg.eval.vis_score_thresh if score_thresh is None else score_thresh
     names = list(meta.get("class_names", ()))
-    if cfg.model.arch == "semantic_fpn":
+    if arch_task(cfg.model.arch) == "semantic":
         names = semantic_class_names(names, cfg.model.num_classes)
     results, failed = predict_files(model, files, Path(output_dir), device=device, class_names=names,
                                     score_thresh=thresh)

@@ -33,7 +33,7 @@ from torch import nn
 
 import resdet
 from resdet.config import Config, config_to_dict, save_config
-from resdet.models import build_model
+from resdet.models import arch_task, build_model
 from resdet.models.validation import InvalidInput
 
 from . import distributed as dist
@@ -406,7 +406,7 @@ class Trainer:
             from .visualize import save_dataset_visualizations, semantic_class_names
 
             names = self.metadata["class_names"]
-            if cfg.model.arch == "semantic_fpn":
+            if arch_task(cfg.model.arch) == "semantic":
                 names = semantic_class_names(names, cfg.model.num_classes)
             paths, drawn = save_dataset_visualizations(
                 self.model, self.val_set, self.output_dir / "vis", device=self.device, num_images=t.num_vis_images,

@@ -8,7 +8,7 @@ Mask R-CNN (model or checkpoint) into an equivalent resdet detector.
 """
 from .builders import faster_rcnn, mask_rcnn
 from .rcnn import GeneralizedRCNN
-from .registry import arch_names, arch_options, build_model, get_arch, register_arch
+from .registry import TASKS, arch_names, arch_options, arch_task, build_model, get_arch, register_arch
 from .semantic_fpn import SemanticFPN, SemSegTransform, semantic_fpn
 from .torchvision_compat import convert_torchvision_state_dict, from_torchvision
 from .transform import DetectionTransform
@@ -19,8 +19,10 @@ __all__ = [
     "GeneralizedRCNN",
     "SemSegTransform",
     "SemanticFPN",
+    "TASKS",
     "arch_names",
     "arch_options",
+    "arch_task",
     "build_model",
     "convert_torchvision_state_dict",
     "faster_rcnn",

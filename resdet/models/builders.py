@@ -31,7 +31,7 @@ __all__ = ["faster_rcnn", "mask_rcnn"]
 _LEVELS = ("p2", "p3", "p4", "p5")
 
 
-@register_arch("faster_rcnn")
+@register_arch("faster_rcnn", task="detection")
 def faster_rcnn(
     backbone: str = "resnet34",
     num_classes: int = 91,
@@ -106,7 +106,7 @@ def faster_rcnn(
     return _build(**locals(), mask=None)
 
 
-@register_arch("mask_rcnn", extends=(faster_rcnn,))
+@register_arch("mask_rcnn", task="instance", extends=(faster_rcnn,))
 def mask_rcnn(
     backbone: str = "resnet34",
     num_classes: int = 91,

@@ -5,7 +5,7 @@ A builder is a function ``builder(backbone, num_classes, *, option=default, ...)
 against its signature (names and annotated types) when a config is loaded, so a misspelt option or one
 the architecture does not have fails before anything is built::
 
-    @register_arch("my_rcnn", extends=(faster_rcnn,))   # my_rcnn(..., **options) forwards to faster_rcnn
+    @register_arch("my_rcnn", task="detection", extends=(faster_rcnn,))   # my_rcnn(..., **options) forwards to faster_rcnn
     def my_rcnn(backbone: str = "resnet50", num_classes: int = 91, *, extra: int = 4, **options): ...
 
 Then ``model.arch=my_rcnn`` works in every config and tool.
@@ -20,11 +20,18 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["register_arch", "arch_names", "get_arch", "arch_options", "renamed_options", "build_model"]
+__all__ = ["TASKS", "register_arch", "arch_names", "arch_task", "get_arch", "arch_options", "renamed_options",
+           "build_model"]
+
+TASKS = ("detection", "instance", "semantic", "panoptic", "classification")
+"""What an architecture predicts, which decides its evaluator, drawing and checkpoint checks:
+``detection`` (boxes), ``instance`` (boxes and masks), ``semantic`` (``sem_seg``), ``panoptic``
+(``panoptic_seg`` plus instances and ``sem_seg``), ``classification`` (``scores`` over classes)."""
 
 _ARCHS: dict[str, Callable[..., nn.Module]] = {}
 _EXTENDS: dict[str, tuple[Callable[..., Any], ...]] = {}
 _RENAMED: dict[str, dict[str, str]] = {}
+_TASK: dict[str, str] = {}
 
 # Typed ``model.*`` keys passed to every builder that has a keyword of the same name.
 _TYPED_KEYS = (
@@ -37,18 +44,21 @@ _SKIP_WHEN_NONE = ("norm", "fpn_norm", "frozen_stages")  # None in the config: t
 
 
 def register_arch(
-    name: str, *, extends: Sequence[Callable[..., Any]] = (), renamed: dict[str, str] | None = None
+    name: str, *, task: str, extends: Sequence[Callable[..., Any]] = (), renamed: dict[str, str] | None = None
 ) -> Callable:
     """Decorator registering a model builder under ``name``.
 
     Args:
         name: the ``model.arch`` value.
+        task: what the model predicts, one of :data:`TASKS`.
         extends: functions the builder's ``**kwargs`` are forwarded to; their keyword parameters are
             options of this architecture too.
         renamed: old option name → new name; the builder (and the config) reject the old name with a
             message giving the new one.
     """
     renamed = dict(renamed or {})
+    if task not in TASKS:
+        raise ValueError(f"register_arch({name!r}): task must be one of {TASKS}, got {task!r}")
 
     def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _ARCHS:
@@ -58,6 +68,7 @@ def register_arch(
         _ARCHS[name] = builder
         _EXTENDS[name] = tuple(extends)
         _RENAMED[name] = renamed
+        _TASK[name] = task
         return builder
 
     return register
@@ -76,6 +87,12 @@ def _rejecting_old_names(builder: Callable[..., nn.Module], renamed: dict[str, s
 def arch_names() -> list[str]:
     """Registered architecture names, sorted."""
     return sorted(_ARCHS)
+
+
+def arch_task(name: str) -> str:
+    """What architecture ``name`` predicts, one of :data:`TASKS`."""
+    get_arch(name)
+    return _TASK[name]
 
 
 def get_arch(name: str) -> Callable[..., nn.Module]:

@@ -221,7 +221,7 @@ class SemanticFPN(nn.Module):
         return results
 
 
-@register_arch("semantic_fpn", renamed={"fpn_channels": "fpn_out_channels", "backbone_weights": "weights"})
+@register_arch("semantic_fpn", task="semantic", renamed={"fpn_channels": "fpn_out_channels", "backbone_weights": "weights"})
 def semantic_fpn(
     backbone: str = "resnet34",
     num_classes: int = 19,
