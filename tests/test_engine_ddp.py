@@ -1,6 +1,8 @@
 """Two CPU processes under torchrun (gloo): DistributedDataParallel training over an uneven dataset (5
 images, 2 ranks: the epoch boundary falls mid-batch) runs the same number of steps on both ranks without a
-hang, ends with identical weights, and the sharded evaluation gathers every validation image."""
+hang, ends with identical weights, and the sharded evaluation gathers every validation image. In the same
+launch, a SIGTERM that reaches one rank during an evaluation stops both ranks together, after it, with one
+checkpoint (no rank left waiting in a collective)."""
 from __future__ import annotations
 
 import os
@@ -34,6 +36,29 @@ SCRIPT = textwrap.dedent("""
     assert dist.get_world_size() == 2 and isinstance(trainer.ddp_model, torch.nn.parallel.DistributedDataParallel)
     metrics = trainer.train()
     torch.save({{"model": trainer.model.state_dict(), "metrics": metrics, "steps": trainer.batches_done}}, os.path.join(out, f"rank{{dist.get_rank()}}.pt"))
+
+    # a signal that reaches rank 1 only, during the evaluation at iteration 1
+    import signal
+    from resdet.config import apply_overrides
+    from resdet.engine import trainer as trainer_mod
+    from resdet.engine.trainer import TrainingInterrupted
+    evaluate = trainer_mod.evaluate_model
+
+    def signalled_evaluate(*args, **kwargs):
+        if dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+
+    trainer_mod.evaluate_model = signalled_evaluate
+    trainer = Trainer(apply_overrides(cfg, [f"train.output_dir={{out}}/signal", "solver.max_iter=2",
+                                            "train.eval_period=1"]))
+    try:
+        trainer.train()
+        outcome = "finished"
+    except TrainingInterrupted as err:
+        outcome = str(err)
+    with open(os.path.join(out, f"signal_rank{{dist.get_rank()}}.txt"), "w") as f:
+        f.write(outcome)
     dist.destroy_distributed()
 """)
 
@@ -67,3 +92,7 @@ def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     assert resumable["iteration"] == 4 and len(resumable["rng"]) == 2
     final = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)
     assert final["iteration"] == 4 and "optimizer" not in final
+    for rank in (0, 1):  # both ranks stopped after the evaluation, on the same checkpoint
+        outcome = (tmp_path / "out" / f"signal_rank{rank}.txt").read_text()
+        assert "SIGTERM during the evaluation at iteration 1" in outcome and "model_0000001.pth" in outcome, outcome
+    assert torch.load(tmp_path / "out" / "signal" / "model_0000001.pth", weights_only=True)["iteration"] == 1

@@ -10,20 +10,26 @@ Layout in the output directory::
 Periodic checkpoints are *resumable* (model, optimizer, scheduler, scaler, RNG states); the best and final
 ones hold the model, config and label metadata only. Every file is written to ``<name>.tmp`` in the same
 directory, flushed, fsynced and renamed with ``os.replace``, so a kill at any moment leaves either the old
-file or the complete new one; leftover ``*.tmp`` files of a killed run are removed at start.
+file or the complete new one; leftover ``*.tmp`` files of a killed run are removed at start. SIGINT/SIGTERM
+arriving while a file is written are held until it is renamed into place (:func:`signals_deferred`), then
+delivered once: a signal never cuts a checkpoint in half. A write that fails (a full disk) raises
+:class:`CheckpointError` naming the file and the system's reason, and leaves the previous file as it was.
 
 Everything is stored as tensors and plain Python types so that every load uses ``weights_only=True``: a
 crafted checkpoint cannot run code when it is read.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import re
 import shutil
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -33,7 +39,9 @@ __all__ = [
     "atomic_save",
     "load_checkpoint_file",
     "load_model_state",
+    "mismatch_summary",
     "atomic_write_text",
+    "signals_deferred",
     "CheckpointManager",
     "capture_rng_state",
     "restore_rng_state",
@@ -76,30 +84,94 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.devi
         raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt ({size} bytes): {detail}") from None
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_deferring = threading.local()
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the block runs; afterwards deliver the first one that arrived (once) to the
+    handler that was in place.
+
+    Python runs signal handlers in the main thread between bytecodes, so a handler that raises (Ctrl-C's
+    ``KeyboardInterrupt``, the trainer's stop) could otherwise cut ``torch.save`` mid-file. Nested blocks
+    defer to the outermost one; outside the main thread (where handlers cannot be set) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread() or getattr(_deferring, "active", False):
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in _STOP_SIGNALS}
+    _deferring.active = True
+    try:
+        yield
+    finally:
+        _deferring.active = False
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if received:  # two Ctrl-C 50 ms apart during one write count as one
+            signal.raise_signal(received[0])
+
+
+def _write_error(err: BaseException, path: Path) -> CheckpointError | None:
+    """A one-line :class:`CheckpointError` for an OS-level write failure (e.g. a full disk) anywhere in
+    ``err``'s chain (torch.save reports it as ``RuntimeError: ... unexpected pos`` with the ``OSError`` chained);
+    None when the failure is not an ``OSError``."""
+    seen = err
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    reason = seen.strerror or str(seen) or type(seen).__name__
+    return CheckpointError(f"cannot write {str(path)!r}: {reason} (the previous file, if any, is kept)")
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``."""
+    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``; SIGINT/SIGTERM wait
+    until the rename is done.
+
+    Raises:
+        CheckpointError: the file could not be written (a full disk, a read-only folder); names ``path``.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with signals_deferred():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:
+            failure = _write_error(err, path)
+            if failure is None:
+                raise
+            raise failure from err
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write a small text file atomically."""
+    """Write a small text file atomically (SIGINT/SIGTERM wait until it is in place)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with signals_deferred():
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            raise _write_error(err, path) from err
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -165,10 +237,11 @@ class CheckpointManager:
         """Write ``state`` as ``<name>.pth`` atomically, point ``last_checkpoint`` at it (unless
         ``update_latest`` is False, as for the best and final checkpoints) and prune old periodic ones."""
         path = self.directory / f"{name}.pth"
-        atomic_save(state, path)
-        if update_latest:
-            atomic_write_text(path.name, self.directory / "last_checkpoint")
-        self._prune()
+        with signals_deferred():  # the file, the pointer to it and the pruning complete together
+            atomic_save(state, path)
+            if update_latest:
+                atomic_write_text(path.name, self.directory / "last_checkpoint")
+            self._prune()
         return path
 
     def link(self, source: str, name: str) -> Path:
@@ -176,12 +249,17 @@ class CheckpointManager:
         instead of writing the same bytes again."""
         src, dst = self.directory / f"{source}.pth", self.directory / f"{name}.pth"
         tmp = dst.with_name(dst.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with signals_deferred():
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError:
+                try:
+                    shutil.copyfile(src, tmp)
+                except OSError as err:
+                    tmp.unlink(missing_ok=True)
+                    raise _write_error(err, dst) from err
+            os.replace(tmp, dst)
         return dst
 
     def periodic_name(self, iteration: int) -> str:
@@ -273,6 +351,21 @@ def _grouped(keys: list[str]) -> str:
     return ", ".join(f"{g} ({n})" for g, n in list(groups.items())[:4]) + (" ..." if len(groups) > 4 else "")
 
 
+def mismatch_summary(shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]], missing: list[str],
+                     unexpected: list[str] = ()) -> str:
+    """``"68 tensors differ in shape (e.g. k: checkpoint [..] vs model [..]); 12 model tensors missing from it
+    (rpn.head.* (4), ...)"``: how a state dict differs from a model's, in one line."""
+    parts = []
+    if shapes:
+        k, a, b = shapes[0]
+        parts.append(f"{len(shapes)} tensors differ in shape (e.g. {k}: checkpoint {list(a)} vs model {list(b)})")
+    if missing:
+        parts.append(f"{len(missing)} model tensors missing from it ({_grouped(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors the model lacks ({_grouped(list(unexpected))})")
+    return "; ".join(parts)
+
+
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike, *,
                      stored_config: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> None:
     """``model.load_state_dict(state)`` strictly, or a one-line :class:`CheckpointError` naming the file and
@@ -293,14 +386,6 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
         if trained and wanted and trained != wanted:
             what = f"the checkpoint holds a {trained}, the config builds a {wanted}"
         else:
-            parts = []
-            if shapes:
-                k, a, b = shapes[0]
-                parts.append(f"{len(shapes)} tensors differ in shape (e.g. {k}: checkpoint {list(a)} vs model {list(b)})")
-            if missing:
-                parts.append(f"{len(missing)} model tensors missing from it ({_grouped(missing)})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} tensors the model lacks ({_grouped(unexpected)})")
-            what = "; ".join(parts)
+            what = mismatch_summary(shapes, missing, unexpected)
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not fit the model: {what}")
     model.load_state_dict(state)

@@ -17,19 +17,27 @@ def add_debug_flag(parser: Any) -> None:
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside the trainer: unwinds like Ctrl-C, exits 143."""
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
     from resdet.data.image_io import ImageReadError
 
     from .checkpoint import CheckpointError
 
-    # ValueError covers ConfigError, validation errors and malformed json (json.JSONDecodeError)
-    return (CheckpointError, ImageReadError, ValueError, FileNotFoundError, NotADirectoryError,
-            PermissionError, IsADirectoryError)
+    # ValueError covers ConfigError, validation errors and malformed json (json.JSONDecodeError); OSError
+    # covers missing files, permissions, a path that is a file where a folder is expected and a full disk
+    return (CheckpointError, ImageReadError, ValueError, OSError)
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text
+    if isinstance(err, OSError) and err.strerror:  # "[Errno 28] No space left on device" names no file
+        text = f"{err.strerror}: {str(err.filename)!r}" if err.filename is not None else err.strerror
+        if err.filename2 is not None:
+            text += f" -> {str(err.filename2)!r}"
+        return text
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
@@ -43,7 +51,7 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
     from .trainer import TrainingInterrupted
 
     def _term(signum: int, frame: Any) -> None:  # SIGTERM outside the trainer's own handler: stop like Ctrl-C
-        raise KeyboardInterrupt
+        raise _Terminated
 
     previous = signal.signal(signal.SIGTERM, _term) if signal.getsignal(signal.SIGTERM) in (
         signal.SIG_DFL, None) else None
@@ -54,11 +62,16 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
             raise
         print(_one_line(err), file=sys.stderr)
         return 128 + int(err.signum)
+    except _Terminated:
+        if debug:
+            raise
+        print("stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         if debug:
             raise
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted (SIGINT)", file=sys.stderr)
+        return 128 + signal.SIGINT
     except FloatingPointError as err:
         if debug:
             raise
@@ -79,9 +92,14 @@ def run_guarded(fn: Callable[[], int], *, debug: bool = False) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _metric(value: float) -> str:
+    return f"{value:.4f}" if value == value else "nan (no valid objects)"  # NaN: the metric is undefined
+
+
 def final_line(metrics: dict[str, float], output_dir: str) -> str:
-    """``final: bbox/AP=0.1234, segm/AP=...; outputs in DIR`` (or a note that nothing was evaluated)."""
+    """``final: bbox/AP=0.1234, segm/AP=...; outputs in DIR`` (or a note that nothing was evaluated). An
+    undefined metric (NaN: no ground truth it could be measured on) reads ``nan (no valid objects)``."""
     keys = [k for k in ("bbox/AP", "segm/AP", "bbox/mAP50", "mIoU") if k in metrics]
     if not keys:
         return f"done, no evaluation (eval.evaluator=none or no metric); outputs in {output_dir}"
-    return "final: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in keys) + f"; outputs in {output_dir}"
+    return "final: " + ", ".join(f"{k}={_metric(metrics[k])}" for k in keys) + f"; outputs in {output_dir}"

@@ -65,8 +65,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"iteration": iteration, "kind": kind, "time": time.time(), **metrics}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as err:  # a full disk: name the file (the OS error alone does not)
+            if err.filename is not None:
+                raise
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
         if self._tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):

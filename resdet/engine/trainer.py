@@ -9,8 +9,12 @@ used as given, so scale it yourself when changing the number of GPUs.
 Per micro-batch the ranks all-reduce one small vector (each loss, a non-finite flag and a stop flag), so
 every rank agrees on logging values, on stopping at a non-finite loss (before the backward pass, so the
 last good checkpoint stays the newest) and on stopping after SIGINT/SIGTERM (a checkpoint is saved first).
-A signal during an evaluation stops it at once: the checkpoint of that iteration is saved (it already is at
-the end of training), and ``--resume`` re-runs that evaluation.
+A signal during an evaluation stops it at once in a single process; under DDP the evaluation runs to its
+end on every rank and the ranks then agree (one all-reduce) to stop together, so a signal that reached one
+rank never leaves the others waiting in a collective. Either way the checkpoint of that iteration is saved
+(it already is at the end of training) and ``--resume`` re-runs that evaluation. Signals arriving while a
+checkpoint is written wait until it is complete (``checkpoint.signals_deferred``). A second signal stops the
+process at once, without saving.
 
 What stays on disk: resumable ``model_NNNNNNN.pth`` (with optimizer state; one is written at the end of
 training too), ``model_final.pth`` and ``model_best.pth`` with the weights only (``model_best.pth`` is a
@@ -34,6 +38,7 @@ from torch import nn
 import resdet
 from resdet.config import Config, config_to_dict, save_config
 from resdet.models import arch_task, build_model
+from resdet.models.registry import check_typed_keys
 from resdet.models.validation import InvalidInput
 
 from . import distributed as dist
@@ -53,10 +58,15 @@ __all__ = ["Trainer", "TrainingInterrupted", "seed_everything"]
 class TrainingInterrupted(RuntimeError):
     """Raised after SIGINT/SIGTERM once the checkpoint is saved; ``signum`` tells which signal."""
 
-    def __init__(self, signum: int, checkpoint: Path | None, during: str = "training") -> None:
+    def __init__(self, signum: int, checkpoint: Path | None, during: str = "training", *,
+                 at_once: bool = False) -> None:
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
-        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint saved"
-        super().__init__(f"stopped by {name} during {during}; {where}; continue with --resume")
+        if at_once:  # a second signal: nothing more was saved
+            where = f"newest checkpoint {checkpoint}" if checkpoint else "no checkpoint yet"
+            super().__init__(f"stopped at once by a second {name} during {during}; {where}; continue with --resume")
+        else:
+            where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint saved"
+            super().__init__(f"stopped by {name} during {during}; {where}; continue with --resume")
         self.signum, self.checkpoint = signum, checkpoint
 
 
@@ -93,6 +103,10 @@ class Trainer:
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         self.output_dir = Path(cfg.train.output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise NotADirectoryError(f"train.output_dir={str(self.output_dir)!r} is an existing file, expected a "
+                                     f"folder (or a path that does not exist yet)")
+        check_typed_keys(cfg.model)  # before any data is read or generated
         self.logger = setup_logger(self.output_dir, rank=self.rank)
         if isinstance(resume, (str, Path)) and not Path(resume).is_file():
             raise CheckpointError(f"--resume-from: checkpoint {str(resume)!r} does not exist")
@@ -140,10 +154,16 @@ class Trainer:
         self.best: dict[str, Any] = {"metric": cfg.train.best_metric, "value": None, "iteration": None}
         self._signal: int | None = None
         self._stop_now = False  # inside an evaluation: a signal stops at once
+        self._during = "training"  # what a signal interrupts, for its message
         self._saved_at: int | None = None  # iteration of the newest resumable checkpoint
         self.summary = ""
         if resume:
             self._resume(resume)
+        if self.iteration == 0:  # a fresh start redoes every iteration: rows of an earlier attempt go
+            dropped = self.writer.truncate(0)
+            if dropped:
+                self.logger.info("%s: dropped %d rows of an earlier run that stopped before its first checkpoint",
+                                 self.writer.path, dropped)
 
     # ---------------------------------------------------------------------------------------- setup
     def _build_model(self) -> nn.Module:
@@ -254,12 +274,29 @@ class Trainer:
         yield from self.loader
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_now:  # inside an evaluation: stop it now
+        if self._stop_now:  # inside an evaluation (single process): stop it now
             self._stop_now = False
             raise _StopNow(signum)
         if self._signal is not None:  # second signal: give up at once
-            raise KeyboardInterrupt
+            raise TrainingInterrupted(signum, self.checkpoints.latest(), self._during, at_once=True)
         self._signal = signum
+
+    def _stoppable_evaluation(self) -> tuple[dict[str, float], str]:
+        """``_evaluate`` that a signal stops (``_StopNow``): at once in a single process; under DDP once every
+        rank has finished it, when any rank was signalled (one all-reduce, so the ranks stay in step)."""
+        distributed = dist.is_distributed()
+        if self._signal is not None and not distributed:
+            raise _StopNow(self._signal)
+        try:
+            self._stop_now = not distributed
+            metrics, summary = self._evaluate()
+        finally:
+            self._stop_now = False
+        if distributed:
+            flag = torch.tensor([0.0 if self._signal is None else 1.0], device=self.device)
+            if float(dist.all_reduce_sum(flag)) > 0:
+                raise _StopNow(self._signal or signal.SIGTERM)
+        return metrics, summary
 
     def _forward(self, images: list, targets: list, last_micro: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = [img.to(self.device, non_blocking=True) for img in images]
@@ -349,15 +386,19 @@ class Trainer:
                 self.save_checkpoint()
             checkpoint = self.output_dir / f"{self.checkpoints.periodic_name(self.iteration)}.pth"
             try:
-                self._stop_now = True
-                metrics, summary = self._evaluate()
+                self._during = "the final evaluation"
+                metrics, summary = self._stoppable_evaluation()
                 is_best = self._record_best(metrics)
+                # past the last collective: from here a signal stops this process at once (after any write)
+                self._stop_now = True
+                self._during = "the writing of model_final.pth"
                 self._save_weights("model_final")
                 if is_best and self.rank == 0:  # the same weights: a link, not a second copy
                     self.checkpoints.link("model_final", "model_best")
+                self._during = "the drawing of predictions"
                 self._draw()
             except _StopNow as stop:
-                raise TrainingInterrupted(stop.signum, checkpoint, during="the final evaluation") from None
+                raise TrainingInterrupted(stop.signum, checkpoint, during=self._during) from None
             finally:
                 self._stop_now = False
         finally:
@@ -442,17 +483,15 @@ class Trainer:
 
     def _periodic_eval(self) -> None:
         self._sync_buffers()
+        self._during = f"the evaluation at iteration {self.iteration}"
         try:
-            self._stop_now = True
-            metrics, summary = self._evaluate()
+            metrics, summary = self._stoppable_evaluation()
         except _StopNow as stop:
-            self._stop_now = False
             path = self.save_checkpoint() if self._saved_at != self.iteration else \
                 self.output_dir / f"{self.checkpoints.periodic_name(self.iteration)}.pth"
-            raise TrainingInterrupted(stop.signum, path, during=f"the evaluation at iteration {self.iteration}") \
-                from None
+            raise TrainingInterrupted(stop.signum, path, during=self._during) from None
         finally:
-            self._stop_now = False
+            self._during = "training"
         self.logger.info("evaluation at iteration %d:\n%s", self.iteration, summary)
         if self._record_best(metrics):
             self._save_weights("model_best")

@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 __all__ = ["TASKS", "register_arch", "arch_names", "arch_task", "get_arch", "arch_options", "renamed_options",
-           "build_model"]
+           "check_typed_keys", "build_model"]
 
 TASKS = ("detection", "instance", "semantic", "panoptic", "classification")
 """What an architecture predicts, which decides its evaluator, drawing and checkpoint checks:
@@ -126,14 +126,36 @@ def renamed_options(name: str) -> dict[str, str]:
     return dict(_RENAMED[name])
 
 
+def check_typed_keys(model_cfg: Any) -> None:
+    """Refuse typed ``model.*`` keys that ``model_cfg.arch`` has no keyword for (e.g. the RPN settings for
+    ``semantic_fpn``) when they are set away from their defaults: such a setting would do nothing.
+
+    Raises:
+        ConfigError: naming the key, its value and the architecture (and those that use the key).
+    """
+    from resdet.config import ConfigError
+
+    accepted = arch_options(model_cfg.arch)
+    defaults = type(model_cfg)()
+    for key in _TYPED_KEYS:
+        value = getattr(model_cfg, key)
+        if key in accepted or value == getattr(defaults, key, value):
+            continue
+        users = [a for a in arch_names() if key in arch_options(a)]
+        raise ConfigError(f"model.{key}={value!r}: model.arch={model_cfg.arch!r} does not use it (only "
+                          f"{', '.join(users) or 'no registered arch'}); remove it or change model.arch")
+
+
 def build_model(cfg: Any) -> nn.Module:
     """Builds ``cfg.model.arch`` from a :class:`resdet.config.Config`.
 
-    The builder gets ``backbone``, every typed ``model.*`` key it has a keyword for (keys it has none
-    for, e.g. the RPN settings for ``semantic_fpn``, are not used), ``model.backbone_weights`` as
-    ``weights``, then ``model.options`` (already checked against its signature at config load).
+    The builder gets ``backbone``, every typed ``model.*`` key it has a keyword for, ``model.backbone_weights``
+    as ``weights``, then ``model.options`` (already checked against its signature at config load). A typed key
+    it has no keyword for (e.g. the RPN settings for ``semantic_fpn``) must keep its default
+    (:func:`check_typed_keys`).
     """
     m = cfg.model
+    check_typed_keys(m)
     builder = get_arch(m.arch)
     accepted = arch_options(m.arch)
     kwargs: dict[str, Any] = {}
