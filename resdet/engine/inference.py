@@ -17,7 +17,7 @@ from resdet.data.label_space import TORCHVISION_COCO_NUM_CLASSES, LabelSpace, ch
 
 from .builders import build_dataset, build_evaluator, build_test_loader
 from .checkpoint import CheckpointError, load_checkpoint_file, load_model_state, unwrap_model
-from .pretrained import load_pretrained, read_checkpoint
+from .pretrained import load_complete, read_checkpoint
 
 __all__ = ["amp_dtype", "bf16_native", "config_for_checkpoint", "evaluate_model", "load_model", "evaluate_checkpoint",
            "infer_images"]
@@ -88,7 +88,8 @@ def load_model(cfg: Config, checkpoint: str | os.PathLike, *, device: torch.devi
     category id each predicted label stands for.
 
     A resdet checkpoint loads strictly and brings its label space. Any other goes through
-    :func:`load_pretrained` (its report is printed); a torchvision COCO detection checkpoint (a 91-way box
+    :func:`load_complete` (its report is printed; a checkpoint that leaves part of the model random, such as
+    an ImageNet backbone alone, is refused); a torchvision COCO detection checkpoint (a 91-way box
     predictor) is evaluated as published: the model is built with its 91 classes whatever
     ``model.num_classes`` says, and its labels are COCO category ids (:meth:`LabelSpace.torchvision_coco`).
 
@@ -117,7 +118,7 @@ def load_model(cfg: Config, checkpoint: str | os.PathLike, *, device: torch.devi
                 cfg = copy.deepcopy(cfg)
                 cfg.model.num_classes = space.num_classes
         model = build_model(cfg)
-        print(load_pretrained(model, checkpoint))
+        print(load_complete(model, checkpoint))
         model.label_space = space
     if model.label_space is not None:
         meta["class_names"] = list(model.label_space.class_names)
@@ -153,6 +154,7 @@ def infer_images(cfg: Config, checkpoint: str | os.PathLike, inputs: Sequence[st
     names = list(meta.get("class_names", ()))
     if arch_task(cfg.model.arch) == "semantic":
         names = semantic_class_names(names, cfg.model.num_classes)
+    space = label_space_of(model)
     results, failed = predict_files(model, files, Path(output_dir), device=device, class_names=names,
-                                    score_thresh=thresh)
+                                    score_thresh=thresh, label_to_cat_id=space.label_to_cat_id() if space else None)
     return {"results": results, "skipped": [str(p) for p in skipped], "failed": failed}

@@ -9,7 +9,10 @@
   model's backbone body prefix and the classifier is dropped).
 
 Tensors whose shape differs from the model's (another ``num_classes``) keep the model's fresh
-initialisation and are listed as skipped.
+initialisation and are listed as skipped. That is what fine-tuning wants; evaluation and inference want
+every tensor: ``load_complete(model, path)`` refuses a checkpoint that leaves any part of the model at its
+random initialisation (an ImageNet backbone alone, a torchvision model of another depth or class count),
+naming what is missing.
 """
 from __future__ import annotations
 
@@ -22,9 +25,9 @@ from torch import Tensor, nn
 
 from resdet.data.label_space import checkpoint_label_space, label_space_of, remap_class_rows
 
-from .checkpoint import CheckpointError, load_checkpoint_file
+from .checkpoint import CheckpointError, load_checkpoint_file, mismatch_summary
 
-__all__ = ["LoadReport", "load_pretrained", "read_checkpoint", "read_state_dict"]
+__all__ = ["LoadReport", "load_complete", "load_pretrained", "read_checkpoint", "read_state_dict"]
 
 
 @dataclass
@@ -37,6 +40,8 @@ class LoadReport:
         skipped: ``(key, checkpoint shape, model shape)`` for shape mismatches (kept re-initialised).
         missing: model keys the checkpoint lacks (kept as initialised).
         unexpected: checkpoint keys the model lacks (ignored).
+        unfilled: every model key the checkpoint did not fill apart from ``skipped`` (``missing`` lists only
+            the backbone body's for an ImageNet checkpoint).
     """
 
     path: str
@@ -46,6 +51,8 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     class_rows: str = ""  # how per-class head rows were matched between label spaces
+    unfilled: list[str] = field(default_factory=list)  # every model key left as initialised (missing or skipped
+    # ones excluded), whatever the source
 
     @staticmethod
     def _grouped(keys: list[str], depth: int = 2) -> str:
@@ -150,10 +157,36 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
             fitting[k] = v
     report.loaded = sorted(fitting)
     skipped = {k for k, _, _ in report.skipped}
-    report.missing = [k for k in target if k not in fitting and k not in skipped
-                      and not k.endswith("num_batches_tracked")]
+    report.unfilled = [k for k in target if k not in fitting and k not in skipped
+                       and not k.endswith("num_batches_tracked")]
+    report.missing = list(report.unfilled)
     if source == "imagenet_backbone":  # only the body was asked for: list what is missing inside it
         prefix = _body_prefix(list(target))
         report.missing = [k for k in report.missing if k.startswith(prefix)]
     model.load_state_dict(fitting, strict=False)
+    return report
+
+
+def load_complete(model: nn.Module, path: str | os.PathLike, *, key: str = "--checkpoint") -> LoadReport:
+    """:func:`load_pretrained` for evaluation and inference: every tensor of ``model`` must come from the
+    checkpoint, or nothing is used.
+
+    Raises:
+        CheckpointError: one line naming the file and what it lacks (an ImageNet backbone without the
+            detection or segmentation heads; tensors of another shape, e.g. another depth or class count;
+            parts of the model it does not hold).
+    """
+    report = load_pretrained(model, path)
+    path = os.fspath(path)
+    if report.source == "imagenet_backbone":
+        raise CheckpointError(
+            f"{key}: checkpoint {path!r} holds an ImageNet backbone only ({len(report.loaded)} tensors): the rest "
+            f"of the model ({mismatch_summary([], report.unfilled)}) would be random; it can start a training "
+            f"(model.backbone_weights or model.weights), not be evaluated; give a trained checkpoint (and --config "
+            f"for the model it belongs to)")
+    if report.skipped or report.unfilled:
+        raise CheckpointError(
+            f"{key}: checkpoint {path!r} ({report.source.replace('_', ' ')}) does not fit the model: "
+            f"{mismatch_summary(report.skipped, report.unfilled)}; refused rather than evaluating random weights "
+            f"(check --config, model.backbone and model.num_classes)")
     return report

@@ -7,12 +7,14 @@ datasets (``resdet.data.image_io.read_image``: 16-bit, palette, grayscale and RG
 """
 from __future__ import annotations
 
+import collections
 import colorsys
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -102,7 +104,9 @@ def draw_predictions(image: Tensor, output: dict[str, Tensor], *, class_names: S
                      score_thresh: float = 0.5) -> Tensor:
     """Image ``Tensor[3, H, W]`` (float in [0, 1] or uint8) with boxes, ``label score`` captions and
     masks (thresholded at 0.5) of the detections scoring at least ``score_thresh``; returns uint8.
-    A semantic output (``sem_seg``) is drawn by :func:`draw_semantic` (``class_names`` index class ids)."""
+    Masks are ``masks`` (Tensor[D, 1, H, W] probabilities) or ``mask_rles`` (one COCO RLE per detection, as
+    ``tools/infer.py`` keeps them for large images). A semantic output (``sem_seg``) is drawn by
+    :func:`draw_semantic` (``class_names`` index class ids)."""
     img = _to_uint8(image)
     if "sem_seg" in output:
         return draw_semantic(img, output["sem_seg"], class_names=class_names)
@@ -115,6 +119,11 @@ def draw_predictions(image: Tensor, output: dict[str, Tensor], *, class_names: S
     if "masks" in output and len(labels):
         masks = output["masks"].cpu()[keep][:, 0] >= 0.5  # [N, 1, H, W] probabilities -> [N, H, W] bool
         img = draw_segmentation_masks(img, masks, alpha=0.45, colors=colors)
+    elif "mask_rles" in output and len(labels):
+        from .compact_masks import draw_rle_masks
+
+        rles = [r for r, k in zip(output["mask_rles"], keep.tolist()) if k]
+        img = draw_rle_masks(img, rles, colors, alpha=0.45)
     if len(labels):
         _, width = _font(img.shape[1], img.shape[2])
         img = draw_bounding_boxes(img, boxes, colors=colors, width=width)
@@ -218,7 +227,39 @@ def mask_to_rle(mask: Tensor) -> dict[str, Any]:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def _result_entry(path: Path, output: dict[str, Tensor], class_names: Sequence[str], score_thresh: float) -> dict:
+def _output_names(files: Sequence[Path]) -> list[str]:
+    """One drawing name per input file: ``<stem>.png``; ``<stem>_<suffix>.png`` where two inputs share a stem
+    (``000000.jpg`` and ``000000.png``), then ``_2``, ``_3`` for whatever still collides."""
+    stems = collections.Counter(f.stem for f in files)
+    names, used = [], set()
+    for f in files:
+        base = f.stem if stems[f.stem] == 1 else f"{f.stem}_{f.suffix.lstrip('.').lower()}"
+        name, k = base, 2
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names.append(name + ".png")
+    return names
+
+
+@contextlib.contextmanager
+def _compact_masks(model: nn.Module) -> Iterator[bool]:
+    """While inside, a resdet detector returns its masks compact (``transform.paste_masks = False``);
+    yields whether it does."""
+    transform = getattr(model, "transform", None)
+    if not isinstance(getattr(transform, "paste_masks", None), bool):
+        yield False
+        return
+    before = transform.paste_masks
+    transform.paste_masks = False
+    try:
+        yield True
+    finally:
+        transform.paste_masks = before
+
+
+def _result_entry(path: Path, output: dict[str, Tensor], class_names: Sequence[str], score_thresh: float,
+                  label_to_cat_id: dict[int, int] | None = None) -> dict:
     if "sem_seg" in output:
         sem = output["sem_seg"]
         ids, counts = torch.unique(sem, return_counts=True)
@@ -228,47 +269,64 @@ def _result_entry(path: Path, output: dict[str, Tensor], class_names: Sequence[s
     keep = output["scores"] >= score_thresh
     dets = []
     for j in torch.nonzero(keep).flatten().tolist():
-        det = {"box": [round(float(v), 2) for v in output["boxes"][j]], "label": int(output["labels"][j]),
-               "class": _label_name(int(output["labels"][j]), class_names),
-               "score": round(float(output["scores"][j]), 4)}
+        label = int(output["labels"][j])
+        det = {"box": [round(float(v), 2) for v in output["boxes"][j]], "label": label,
+               "category_id": label_to_cat_id.get(label) if label_to_cat_id else label,
+               "class": _label_name(label, class_names), "score": round(float(output["scores"][j]), 4)}
         if "masks" in output:
             det["segmentation"] = mask_to_rle(output["masks"][j, 0] >= 0.5)
+        elif "mask_rles" in output:
+            det["segmentation"] = output["mask_rles"][j]
         dets.append(det)
     return {"file": str(path), "detections": dets}
 
 
 @torch.no_grad()
 def predict_files(model: nn.Module, files: Sequence[Path], out_dir: str | os.PathLike, *, device: torch.device,
-                  class_names: Sequence[str] = (), score_thresh: float = 0.5) -> tuple[list[dict[str, Any]], list[str]]:
-    """Run ``model`` on image files; write ``<stem>.png`` with the drawn predictions and ``detections.json``.
+                  class_names: Sequence[str] = (), score_thresh: float = 0.5,
+                  label_to_cat_id: dict[int, int] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Run ``model`` on image files; write one drawing per file (``<stem>.png``, ``<stem>_<suffix>.png`` when
+    two files share a stem) and ``detections.json``.
+
+    A resdet detector's masks stay compact (over their boxes) and become RLE one at a time, so an image of
+    H × W pixels never needs D × H × W floats (:mod:`resdet.engine.compact_masks`).
 
     Args:
         class_names: detectors: foreground names (label k is ``class_names[k - 1]``); semantic models:
             one name per class id.
+        label_to_cat_id: the model's label space (label → dataset category id); None: labels are the ids.
 
     Returns:
-        (one dict per image: ``file`` and ``detections`` — ``box`` xyxy, ``label``, ``class``, ``score`` and
-        for masks ``segmentation`` as COCO RLE — of those scoring at least ``score_thresh``; for semantic
-        models ``class_fractions`` instead, the share of pixels per class; the files that could not be
-        decoded, each as ``"path: reason"``, skipped).
+        (one dict per image: ``file``, ``output`` (the drawing) and ``detections`` — ``box`` xyxy, ``label``,
+        ``category_id``, ``class``, ``score`` and for masks ``segmentation`` as COCO RLE — of those scoring at
+        least ``score_thresh``; for semantic models ``class_fractions`` instead, the share of pixels per class;
+        the files that could not be decoded, each as ``"path: reason"``, skipped).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     results, failed = [], []
-    for f in files:
-        try:
-            array = read_image(os.fspath(f))
-        except ImageReadError as err:
-            failed.append(str(err))
-            logger.warning("skipped: %s", err)
-            continue
-        image = torch.from_numpy(array).permute(2, 0, 1)  # HWC -> CHW uint8
-        output = model([image_to_tensor(array).to(device)])[0]
-        output = {k: v.cpu() for k, v in output.items()}
-        write_rgb(draw_predictions(image, output, class_names=class_names, score_thresh=score_thresh),
-                  out_dir / f"{f.stem}.png")
-        results.append(_result_entry(f, output, class_names, score_thresh))
+    with _compact_masks(model) as compact:
+        for f, name in zip(files, _output_names(files)):
+            try:
+                array = read_image(os.fspath(f))
+            except ImageReadError as err:
+                failed.append(str(err))
+                logger.warning("skipped: %s", err)
+                continue
+            image = torch.from_numpy(array).permute(2, 0, 1)  # HWC -> CHW uint8
+            output = model([image_to_tensor(array).to(device)])[0]
+            output = {k: v.cpu() for k, v in output.items()}
+            if compact and "masks" in output:
+                from .compact_masks import masks_to_rles
+
+                keep = output["scores"] >= score_thresh  # only drawn detections need their masks
+                output = {k: v[keep] for k, v in output.items()}
+                output["mask_rles"] = masks_to_rles(output.pop("masks"), output["boxes"], image.shape[-2:])
+            write_rgb(draw_predictions(image, output, class_names=class_names, score_thresh=score_thresh),
+                      out_dir / name)
+            entry = _result_entry(f, output, class_names, score_thresh, label_to_cat_id)
+            results.append({"file": entry.pop("file"), "output": str(out_dir / name), **entry})
     with open(out_dir / "detections.json", "w") as fh:
         json.dump(results, fh, indent=1)
     return results, failed

@@ -88,8 +88,8 @@ class ImageBatcher(nn.Module):
             image = image.float()
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
-        # [C] -> [C, 1, 1] to broadcast over H, W.
-        return (image - mean[:, None, None]) / std[:, None, None]
+        # [C] -> [C, 1, 1] to broadcast over H, W; in place on the difference: one image-sized temporary
+        return (image - mean[:, None, None]).div_(std[:, None, None])
 
     def batch_images(self, images: list[Tensor]) -> Tensor:
         """Pads Tensor[C, h, w] images bottom-right with zeros into one Tensor[N, C, Hp, Wp], Hp and Wp the
@@ -117,6 +117,10 @@ class DetectionTransform(ImageBatcher):
         size_divisible: the padded batch height and width are multiples of this.
         channels_last: return the padded batch in ``torch.channels_last`` memory format (faster
             convolutions on CPU with oneDNN).
+        paste_masks: paste ``masks`` into full-size images in :meth:`postprocess` (torchvision's
+            contract). False keeps the compact form, Tensor[D, 1, M, M] probabilities over each detection's
+            box, for code that pastes them itself (``resdet.layers.mask_paste``): D full-size masks of a
+            huge image need D × H × W floats. Settable on a built model: ``model.transform.paste_masks``.
     """
 
     def __init__(
@@ -128,10 +132,12 @@ class DetectionTransform(ImageBatcher):
         size_divisible: int = 32,
         *,
         channels_last: bool = False,
+        paste_masks: bool = True,
     ) -> None:
         super().__init__(image_mean, image_std, size_divisible, channels_last=channels_last)
         self.min_size = min_sizes(min_size, max_size)
         self.max_size = int(max_size)
+        self.paste_masks = paste_masks
 
     def forward(
         self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
@@ -189,14 +195,15 @@ class DetectionTransform(ImageBatcher):
     ) -> list[dict[str, Tensor]]:
         """Maps detections from the resized frame back to original pixels; pastes masks at full size.
 
-        ``masks`` come in as Tensor[D, 1, 28, 28] probabilities and leave as Tensor[D, 1, H, W].
+        ``masks`` come in as Tensor[D, 1, 28, 28] probabilities and leave as Tensor[D, 1, H, W] (as they
+        came, over each box, when ``paste_masks`` is False).
         """
         from resdet.layers.mask_paste import paste_masks
 
         for result, size, original in zip(results, image_sizes, original_sizes):
             boxes = resize_boxes(result["boxes"], size, original)
             result["boxes"] = boxes
-            if "masks" in result:
+            if "masks" in result and self.paste_masks:
                 result["masks"] = paste_masks(result["masks"], boxes, original)
         return results
 

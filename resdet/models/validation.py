@@ -54,12 +54,14 @@ def check_images(images: Sequence[Tensor], *, in_chans: int) -> None:
             _fail(i, f"expected {in_chans} channels, got {image.shape[0]} (shape {tuple(image.shape)})")
         if image.shape[1] == 0 or image.shape[2] == 0:
             _fail(i, f"empty image of shape {tuple(image.shape)}")
-    # One reduction per image, one host sync for the batch; the index is looked up only on failure.
-    finite = torch.stack([torch.isfinite(image).all() for image in images])
-    if not bool(finite.all()):
-        i = int(torch.nonzero(~finite)[0])
+    # One reduction per image, one host sync for the batch; the pixels are scanned only on failure. A sum is
+    # NaN/inf exactly when a pixel is (or when it overflows, which the scan then tells apart) and, unlike
+    # isfinite(image).all(), needs no image-sized temporaries (1.3 GiB for an 8000 x 8000 float image).
+    finite = torch.isfinite(torch.stack([image.sum().float() for image in images]))
+    for i in torch.nonzero(~finite).flatten().tolist():
         bad = int((~torch.isfinite(images[i])).sum())
-        _fail(i, f"{bad} of {images[i].numel()} pixel values are NaN/inf")
+        if bad:
+            _fail(i, f"{bad} of {images[i].numel()} pixel values are NaN/inf")
 
 
 def _check_target_list(images: Sequence[Tensor], targets: Sequence[dict] | None, *, training: bool) -> bool:
