@@ -4,6 +4,9 @@ Predictions become COCO result dicts (``image_id``, json ``category_id`` through
 contiguous→json mapping, ``bbox`` as x, y, w, h, ``score``, and an RLE ``segmentation`` from masks
 thresholded at 0.5). Under ``torchrun`` each rank processes its share of images; ``evaluate`` gathers
 the results on rank 0, runs ``COCOeval`` there and broadcasts the metrics to every rank.
+
+A metric pycocotools cannot define (it prints -1: no ground-truth object in that area range, or none at all)
+is NaN in the metrics, never 0; with no detections at all the metrics are 0 where there is ground truth.
 """
 from __future__ import annotations
 
@@ -140,8 +143,11 @@ class COCOEvaluator(DatasetEvaluator):
         if dist.is_main_process():
             for iou_type in self.iou_types:
                 stats, text = self._evaluate_one(iou_type, image_ids, results[iou_type])
-                for name, value in zip(COCO_METRIC_NAMES, stats):
-                    metrics[f"{iou_type}/{name}"] = float(value)
+                for name, value in zip(COCO_METRIC_NAMES, stats):  # -1: undefined (no such ground truth)
+                    metrics[f"{iou_type}/{name}"] = float(value) if value >= 0 else float("nan")
+                gt = self.coco_gt.loadAnns(self.coco_gt.getAnnIds(imgIds=image_ids)) if image_ids else []
+                if not any(not ann.get("iscrowd", 0) for ann in gt):
+                    text += "no valid objects: the evaluated images hold no (non-crowd) ground truth, so AP is undefined\n"
                 lines.append(f"Evaluate annotation type *{iou_type}* ({len(image_ids)} images)\n{text}")
                 if self.output_dir is not None:
                     Path(self.output_dir).mkdir(parents=True, exist_ok=True)
@@ -158,11 +164,16 @@ class COCOEvaluator(DatasetEvaluator):
 
     def _evaluate_one(self, iou_type: str, image_ids: list[int],
                       results: list[dict[str, Any]]) -> tuple[np.ndarray, str]:
-        if not results:
-            return np.zeros(12), "no detections: every metric is 0\n"
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            coco_dt = self.coco_gt.loadRes(copy.deepcopy(results))  # loadRes adds fields in place
+            if results:
+                coco_dt = self.coco_gt.loadRes(copy.deepcopy(results))  # loadRes adds fields in place
+            else:  # loadRes refuses an empty list: an empty result set scores 0 where there is ground truth
+                coco_dt = COCO()
+                coco_dt.dataset = {"images": list(self.coco_gt.dataset.get("images", [])),
+                                   "categories": copy.deepcopy(self.coco_gt.dataset.get("categories", [])),
+                                   "annotations": []}
+                coco_dt.createIndex()
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             coco_eval = COCOeval(self.coco_gt, coco_dt, iou_type)

@@ -86,7 +86,8 @@ def voc_class_ap(
 
 
 class VOCEvaluator(DatasetEvaluator):
-    """VOC mAP@0.5 over ``class_names`` (label ``i`` is ``class_names[i - 1]``).
+    """VOC mAP@0.5 over ``class_names`` (label ``i`` is ``class_names[i - 1]``); the mean is over the
+    classes with non-difficult ground truth, NaN when there is none (a set whose objects are all difficult).
 
     Note: IoU uses continuous pixel coordinates (area = (x2 - x1) * (y2 - y1)), not the devkit's +1
     convention, matching the boxes resdet datasets produce.
@@ -142,13 +143,17 @@ class VOCEvaluator(DatasetEvaluator):
         for c, name in enumerate(self.class_names, start=1):
             aps[name] = voc_class_ap(dets[c], gts[c], iou_thresh=self.iou_thresh, use_07_metric=self.use_07_metric)
         valid = [v for v in aps.values() if not np.isnan(v)]
-        metrics = {"bbox/mAP50": float(np.mean(valid)) if valid else 0.0}
+        metrics = {"bbox/mAP50": float(np.mean(valid)) if valid else float("nan")}  # NaN: nothing to measure
         metrics.update({f"bbox/AP50-{name}": v for name, v in aps.items()})
         kind = "VOC07 11-point" if self.use_07_metric else "VOC area"
         width = max([len(n) for n in self.class_names] + [5])
         lines = [f"VOC mAP@0.5 ({kind}, {len(unique)} images)", f"{'class':<{width}}  AP50"]
         lines += [f"{name:<{width}}  {ap:.4f}" for name, ap in aps.items()]
-        lines.append(f"{'mean':<{width}}  {metrics['bbox/mAP50']:.4f}")
+        if valid:
+            lines.append(f"{'mean':<{width}}  {metrics['bbox/mAP50']:.4f}")
+        else:
+            lines.append(f"{'mean':<{width}}  nan (no valid objects: every ground-truth object is difficult, or "
+                         f"there is none)")
         self._summary = "\n".join(lines)
         return metrics
 
