@@ -1,8 +1,10 @@
 """COCO-format instance datasets (COCO itself, the converted VOC/Cityscapes json, the synthetic shapes).
 
 Crowd regions (``iscrowd=1``) never enter the training target; evaluation sees them because
-``CocoDataset.coco`` is the untouched pycocotools ground truth, which a COCO evaluator hands to ``COCOeval``
-(it treats crowds as ignore regions). Predicted ``labels`` map back to json category ids through
+``CocoDataset.coco`` is the pycocotools ground truth, which a COCO evaluator hands to ``COCOeval`` (it treats
+crowds as ignore regions). The one change made to it: polygons with fewer than 3 points are removed there too
+(pycocotools' mask evaluation cannot rasterize them), an object left without polygons gets its filled box as
+the training target does, and the build report names those annotation ids. Predicted ``labels`` map back to json category ids through
 ``contiguous_to_cat_id``.
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
+import logging
 import os
 from typing import Any, Literal
 
@@ -21,6 +24,19 @@ from .base import DetectionDatasetBase, Transform, sanitize_box
 from .image_io import ImageReadError, read_label_map
 
 __all__ = ["CocoDataset", "load_coco"]
+
+logger = logging.getLogger("resdet.data")
+
+
+def _is_polygon(points: Any) -> bool:
+    """A COCO polygon pycocotools can rasterize: a flat list of at least 3 (x, y) points."""
+    return (isinstance(points, list) and len(points) >= 6 and len(points) % 2 == 0
+            and all(isinstance(v, (int, float)) for v in points))
+
+
+def _encode(mask: np.ndarray) -> dict[str, Any]:
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def load_coco(ann_file: str) -> COCO:
@@ -89,6 +105,7 @@ class CocoDataset(DetectionDatasetBase):
     def _build_records(self, remove_empty: bool, missing_images: str) -> list[dict[str, Any]]:
         anns_by_image: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
         counts: collections.Counter[str] = collections.Counter()
+        bad_polygon_ids: list[Any] = []
         for index, ann in enumerate(self.coco.dataset.get("annotations", [])):
             image_id = ann.get("image_id")
             if image_id not in self.coco.imgs:
@@ -98,27 +115,23 @@ class CocoDataset(DetectionDatasetBase):
             if cat_id not in self.cat_id_to_contiguous:
                 raise ValueError(f"{self.ann_file}: annotation #{index} (id {ann.get('id')}) has category_id "
                                  f"{cat_id!r}, which is not among the json's categories {self.cat_ids}")
+            info = self.coco.imgs[image_id]
             if ann.get("iscrowd", 0):
                 counts["crowd"] += 1
+                self._check_segmentation(ann, info, None, bad_polygon_ids)  # COCOeval reads crowds too
                 continue
             bbox = ann.get("bbox")
             if bbox is None or len(bbox) != 4:
                 raise ValueError(f"{self.ann_file}: annotation #{index} (id {ann.get('id')}) has bbox "
                                  f"{bbox!r}, expected [x, y, width, height]")
-            info = self.coco.imgs[image_id]
             x, y, w, h = (float(v) for v in bbox)
             box, status = sanitize_box([x, y, x + w, y + h], int(info["height"]), int(info["width"]))
+            self._check_segmentation(ann, info, box, bad_polygon_ids)
             if box is None:
                 self.skipped["degenerate_box"] += 1
                 continue
             if status == "clipped":
                 counts["clipped_box"] += 1
-            seg = ann.get("segmentation")
-            if isinstance(seg, list):  # drop polygons with fewer than 3 points (pycocotools would fail)
-                valid = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
-                if len(valid) != len(seg):
-                    counts["bad_polygon"] += len(seg) - len(valid)
-                    ann = {**ann, "segmentation": valid}
             anns_by_image[image_id].append({"box": box, "label": self.cat_id_to_contiguous[cat_id],
                                             "area": float(ann.get("area", w * h)), "ann": ann})
         records = []
@@ -142,7 +155,35 @@ class CocoDataset(DetectionDatasetBase):
                             "width": int(info["width"]), "anns": anns})
         self._report(f"CocoDataset({os.path.basename(self.ann_file)})", images=len(records),
                      instances=sum(len(r["anns"]) for r in records), extra=dict(counts))
+        if bad_polygon_ids:
+            shown = ", ".join(map(str, bad_polygon_ids[:10])) + (" ..." if len(bad_polygon_ids) > 10 else "")
+            self.summary += (f"; polygons of fewer than 3 points dropped (the filled box where none was left) in "
+                             f"annotation ids {shown}")
+            logger.warning("%s: polygons of fewer than 3 points dropped (the filled box where none was left) in "
+                           "annotation ids %s", self.ann_file, shown)
         return records
+
+    def _check_segmentation(self, ann: dict[str, Any], info: dict[str, Any], box: np.ndarray | None,
+                            bad_polygon_ids: list[Any]) -> None:
+        """Polygons of fewer than 3 points are dropped (counted) from ``ann`` itself, which is also the
+        evaluation ground truth, so COCOeval can rasterize it; left without polygons, the object gets its
+        filled ``box`` as training does (a crowd region: nothing). An RLE must have its image's size."""
+        seg = ann.get("segmentation")
+        height, width = int(info["height"]), int(info["width"])
+        if isinstance(seg, list):
+            valid = [p for p in seg if _is_polygon(p)]
+            if len(valid) != len(seg):
+                self.skipped["bad_polygon"] += len(seg) - len(valid)
+                bad_polygon_ids.append(ann.get("id"))
+                fallback = np.zeros((height, width), dtype=np.uint8) if box is None else \
+                    self._ann_mask({}, box, height, width)
+                ann["segmentation"] = valid or _encode(fallback)
+        elif isinstance(seg, dict):
+            size = seg.get("size")
+            if not (isinstance(size, (list, tuple)) and list(size) == [height, width]):
+                raise ValueError(f"{self.ann_file}: annotation id {ann.get('id')} (image id {ann.get('image_id')}, "
+                                 f"{info.get('file_name')!r}) has an RLE segmentation of size {size!r}; expected "
+                                 f"[height, width] = [{height}, {width}], the size of its image")
 
     def _ann_mask(self, ann: dict[str, Any], box: np.ndarray, height: int, width: int) -> np.ndarray:
         seg = ann.get("segmentation")

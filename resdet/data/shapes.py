@@ -12,6 +12,7 @@ with OpenCV from a per-image seeded generator, so a seed always gives byte-ident
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Literal, NamedTuple
 
@@ -24,6 +25,8 @@ from .coco import CocoDataset
 from .convert import encode_rle
 
 __all__ = ["CLASS_NAMES", "ShapesSplit", "generate", "ShapesDataset", "draw_sample"]
+
+logger = logging.getLogger("resdet.data")
 
 CLASS_NAMES = ("circle", "square", "triangle", "cross")
 _FORMAT_VERSION = 1
@@ -159,8 +162,7 @@ def _polygons(mask: np.ndarray) -> list[list[float]]:
 
 def _write_split(root: str, split: str, num_images: int, height: int, width: int, seed: int, split_index: int,
                  mask_format: str, draw_options: dict[str, Any]) -> ShapesSplit:
-    paths = ShapesSplit(os.path.join(root, "images", split), os.path.join(root, "annotations",
-                        f"instances_{split}.json"), os.path.join(root, "sem_seg", split))
+    paths = _split_paths(root, split)
     for folder in (paths.image_dir, paths.sem_seg_dir, os.path.dirname(paths.ann_file)):
         os.makedirs(folder, exist_ok=True)
     images, annotations = [], []
@@ -191,10 +193,45 @@ def _write_split(root: str, split: str, num_images: int, height: int, width: int
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": int(mask.sum()), "iscrowd": 0,
                                 "segmentation": segmentation})
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
-    with open(paths.ann_file, "w") as f:
-        json.dump({"info": {"description": f"resdet synthetic shapes, {split}, seed {seed}"}, "images": images,
-                   "annotations": annotations, "categories": categories}, f)
+    _write_json_atomic({"info": {"description": f"resdet synthetic shapes, {split}, seed {seed}"}, "images": images,
+                        "annotations": annotations, "categories": categories}, paths.ann_file)
     return paths
+
+
+def _write_json_atomic(obj: Any, path: str) -> None:
+    """json to ``path.tmp``, then renamed: an interrupted generation never leaves a truncated file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _split_paths(root: str, split: str) -> ShapesSplit:
+    return ShapesSplit(os.path.join(root, "images", split), os.path.join(root, "annotations", f"instances_{split}.json"),
+                       os.path.join(root, "sem_seg", split))
+
+
+def _incomplete(root: str, meta: dict[str, Any]) -> str | None:
+    """Why the dataset under ``root`` is not the complete one ``meta`` describes (None when it is): the meta
+    file unreadable (an interrupted write) or of other arguments, or a file of the splits missing."""
+    meta_path = os.path.join(root, "shapes_meta.json")
+    if not os.path.isfile(meta_path):
+        return f"{meta_path} not found"
+    try:
+        with open(meta_path) as f:
+            stored = json.load(f)
+    except (ValueError, OSError) as err:  # json.JSONDecodeError / UnicodeDecodeError are ValueErrors
+        return f"{meta_path} is unreadable ({' '.join(str(err).split())})"
+    if stored != meta:
+        return f"{meta_path} describes other settings"
+    for split, count in (("train", meta["num_train"]), ("val", meta["num_val"])):
+        paths = _split_paths(root, split)
+        expected = [paths.ann_file] + [os.path.join(folder, f"{i:06d}{suffix}") for i in range(count)
+                                       for folder, suffix in ((paths.image_dir, ".jpg"), (paths.sem_seg_dir, ".png"))]
+        missing = [p for p in expected if not os.path.isfile(p)]
+        if missing:
+            return f"{len(missing)} of its files are missing (e.g. {missing[0]})"
+    return None
 
 
 def generate(root: str, *, num_train: int = 400, num_val: int = 100, image_size: int | tuple[int, int] = 128,
@@ -236,23 +273,19 @@ def generate(root: str, *, num_train: int = 400, num_val: int = 100, image_size:
             "seed": seed, "mask_format": mask_format, **{k: list(v) if isinstance(v, tuple) else v
                                                          for k, v in options.items()}}
     meta_path = os.path.join(root, "shapes_meta.json")
-    splits = {}
-    if not overwrite and os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            if json.load(f) == meta:
-                for split in ("train", "val"):
-                    splits[split] = ShapesSplit(os.path.join(root, "images", split),
-                                                os.path.join(root, "annotations", f"instances_{split}.json"),
-                                                os.path.join(root, "sem_seg", split))
-                if all(os.path.isfile(s.ann_file) for s in splits.values()):
-                    return splits
+    if not overwrite:
+        reason = _incomplete(root, meta)
+        if reason is None:
+            return {split: _split_paths(root, split) for split in ("train", "val")}
+        if os.path.exists(meta_path):  # an earlier generation: say why it is redone
+            logger.warning("shapes dataset in %s is regenerated: %s", root, reason)
     os.makedirs(root, exist_ok=True)
     if os.path.isfile(meta_path):
         os.remove(meta_path)  # an interrupted run must not look complete
+    splits = {}
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         splits[split] = _write_split(root, split, count, height, width, seed, split_index, mask_format, options)
-    with open(meta_path, "w") as f:
-        json.dump(meta, f)
+    _write_json_atomic(meta, meta_path)  # last: its presence says every file above is complete
     return splits
 
 
