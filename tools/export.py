@@ -47,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from resdet.export import DEFAULT_OPSET, ExportError, to_onnx, to_torchscript
+    from resdet.export import DEFAULT_OPSET, ExportError, check_opset, to_onnx, to_torchscript
     from resdet.export.loading import model_from_checkpoint
+
+    if args.format == "onnx" and args.opset is not None:
+        check_opset(args.opset)  # before the model is loaded and traced
 
     model, meta = model_from_checkpoint(args.checkpoint, args.config, args.overrides)
     image = None

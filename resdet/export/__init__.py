@@ -6,8 +6,8 @@
 largest difference to the PyTorch model. :class:`OnnxPredictor` runs an ONNX file with onnxruntime
 behind the PyTorch model's interface. onnx / onnxruntime come with ``pip install -e ".[export]"``.
 """
-from .exporters import (DEFAULT_OPSET, CheckReport, ExportError, check_outputs, example_image, exportable, to_onnx,
-                        to_torchscript)
+from .exporters import (DEFAULT_OPSET, CheckReport, ExportError, check_opset, check_outputs, example_image, exportable,
+                        to_onnx, to_torchscript)
 from .runtime import LatencyRow, OnnxPredictor, TorchScriptPredictor, bench_onnxruntime, format_latency_rows
 from .traceable import TraceableDetector, TraceableSemanticFPN, paste_masks_traceable
 
@@ -21,6 +21,7 @@ __all__ = [
     "TraceableDetector",
     "TraceableSemanticFPN",
     "bench_onnxruntime",
+    "check_opset",
     "check_outputs",
     "example_image",
     "exportable",

@@ -23,10 +23,30 @@ from torch import Tensor, nn
 
 from .traceable import TraceableDetector, TraceableSemanticFPN
 
-__all__ = ["ExportError", "CheckReport", "exportable", "to_onnx", "to_torchscript", "check_outputs",
+__all__ = ["ExportError", "CheckReport", "exportable", "to_onnx", "to_torchscript", "check_outputs", "check_opset",
            "example_image", "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 17
+MIN_OPSET = 11  # padding to a computed (dynamic) size is an ONNX Pad with input pads from opset 11 on
+
+
+def _max_opset() -> int:
+    """The highest opset torch's TorchScript-based exporter supports (above it torch only warns)."""
+    try:  # private constant, read only; 20 from torch 2.4 to 2.14 when it moves
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    except ImportError:
+        return 20
+    return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` when resdet's models export at it with this torch (``MIN_OPSET`` up to the exporter's
+    highest); else a one-line ``ValueError`` before anything is traced (torch would print the whole graph)."""
+    top = _max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise ValueError(f"--opset {opset!r}: resdet models export to ONNX opsets {MIN_OPSET} to {top} with this torch "
+                         f"(default {DEFAULT_OPSET})")
+    return opset
 
 
 class ExportError(RuntimeError):
@@ -119,7 +139,7 @@ def to_onnx(
     Args:
         model: a resdet detector or semantic FPN (not modified: a copy is exported).
         path: output ``.onnx`` file.
-        opset: ONNX opset (>= 11).
+        opset: ONNX opset, ``MIN_OPSET`` (11) to the highest torch's exporter supports (:func:`check_opset`).
         input_size: ``(H, W)`` to fix the input size (for runtimes without dynamic shapes); default:
             height and width are dynamic axes.
         example: image traced (default: :func:`example_image` at ``input_size`` or 320×427).
@@ -135,6 +155,7 @@ def to_onnx(
     Raises:
         ExportError: an op cannot be exported (names the op and the module running it).
     """
+    check_opset(opset)
     size = input_size or (320, 427)
     example = example_image(*size) if example is None else example
     wrapper = exportable(_prepare(model, optimize, channels_last=False))

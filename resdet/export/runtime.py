@@ -63,7 +63,14 @@ class OnnxPredictor(_Predictor):
         if threads:
             options.intra_op_num_threads = threads
         self.path = os.fspath(path)
-        self.session = ort.InferenceSession(self.path, options, providers=list(providers))
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"ONNX model {self.path!r} does not exist")
+        try:
+            self.session = ort.InferenceSession(self.path, options, providers=list(providers))
+        except Exception as err:  # noqa: BLE001 - onnxruntime's own error types (InvalidProtobuf, Fail, ...)
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{self.path!r} is not an ONNX model onnxruntime can load ({detail}); give a file "
+                             f"written by tools/export.py --format onnx") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
