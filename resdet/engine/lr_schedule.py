@@ -3,7 +3,8 @@
 ``solver.steps`` and ``solver.warmup_iters`` may be written as fractions of ``solver.max_iter`` (a value
 below 1, e.g. ``steps: [0.75, 0.94]``, ``warmup_iters: 0.1``) so that the schedule follows the run length;
 whole numbers are iterations. :func:`resolve_schedule` turns both into iterations and refuses a schedule
-whose warmup or steps lie beyond the end of training.
+whose warmup or steps, given in iterations, lie beyond the end of training (a fraction always follows the run
+length: at a very short run it may round onto the last iteration, where it simply never takes effect).
 """
 from __future__ import annotations
 
@@ -70,19 +71,22 @@ def resolve_schedule(*, max_iter: int, steps: list[float] | tuple[float, ...], w
     """``(steps, warmup_iters)`` in iterations: values below 1 are fractions of ``max_iter``.
 
     Raises:
-        ValueError: a step or the warmup reaches ``max_iter`` (it would never take effect), naming the keys
-            and suggesting the fractions to write instead.
+        ValueError: a step or the warmup given in iterations reaches ``max_iter`` (it would never take
+            effect), naming the keys and suggesting the fractions to write instead.
     """
+    def fraction(value: float) -> bool:
+        return 0 < value < 1
+
     def iters(value: float) -> int:
-        return int(round(value * max_iter)) if 0 < value < 1 else int(value)
+        return int(round(value * max_iter)) if fraction(value) else int(value)
 
     abs_steps = tuple(iters(s) for s in steps) if schedule == "multistep" else ()
     warmup = iters(warmup_iters)
     problems = []
-    late = [s for s in abs_steps if s >= max_iter]
+    late = [iters(s) for s in steps if not fraction(s) and iters(s) >= max_iter] if schedule == "multistep" else []
     if late:
         problems.append(f"solver.steps {list(steps)} has {late} at or beyond solver.max_iter={max_iter}")
-    if warmup >= max_iter:
+    if warmup >= max_iter and not fraction(warmup_iters):
         problems.append(f"solver.warmup_iters={warmup_iters} is not below solver.max_iter={max_iter}")
     if problems:
         raise ValueError("; ".join(problems) + ": the learning rate would never follow its schedule; write them "
