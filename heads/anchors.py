@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from resdet.layers.tracing import is_tracing
+
 __all__ = ["AnchorGenerator"]
 
 
@@ -61,7 +63,8 @@ class AnchorGenerator(nn.Module):
         return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
 
     def grid_anchors(self, grid_sizes: list[tuple[int, int]], strides: list[tuple[int, int]]) -> list[Tensor]:
-        """Per level the anchors Tensor[Hl * Wl * A, 4], ordered (y, x, anchor)."""
+        """Per level the anchors Tensor[Hl * Wl * A, 4], ordered (y, x, anchor) (sizes: ints or traced
+        0-dim tensors)."""
         anchors = []
         for (grid_h, grid_w), (stride_h, stride_w), base in zip(grid_sizes, strides, self.cell_anchors):
             shifts_x = torch.arange(grid_w, dtype=torch.int64) * stride_w
@@ -77,7 +80,7 @@ class AnchorGenerator(nn.Module):
         """Anchors of all levels, identical for every image of the batch.
 
         Args:
-            image_size: ``(Hp, Wp)`` of the padded batch tensor.
+            image_size: ``(Hp, Wp)`` of the padded batch tensor (ints, or traced 0-dim tensors).
             feature_maps: per level Tensor[N, C, Hl, Wl].
 
         Returns:
@@ -89,9 +92,12 @@ class AnchorGenerator(nn.Module):
                 f"AnchorGenerator has anchors for {len(self.cell_anchors)} levels but got {len(feature_maps)} "
                 f"feature maps"
             )
-        grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps]
-        strides = [(int(image_size[0]) // g[0], int(image_size[1]) // g[1]) for g in grid_sizes]
+        # Python ints in eager mode; traced 0-dim tensors under tracing, where the grid stays symbolic.
+        grid_sizes = [(f.shape[-2], f.shape[-1]) for f in feature_maps]
+        strides = [(image_size[0] // g[0], image_size[1] // g[1]) for g in grid_sizes]
         dtype, device = torch.float32, feature_maps[0].device
+        if is_tracing():  # no cache: its key would be the example's sizes
+            return torch.cat(self.grid_anchors(grid_sizes, strides)).to(dtype=dtype, device=device)
         key = (tuple(grid_sizes), tuple(strides), dtype, device)
         anchors = self._cache.get(key)
         if anchors is None:

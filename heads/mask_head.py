@@ -186,4 +186,6 @@ def mask_probs(mask_logits: Tensor, labels: list[Tensor]) -> list[Tensor]:
         all_labels = torch.cat(labels)
         logits = mask_logits[torch.arange(mask_logits.shape[0], device=all_labels.device), all_labels]
     probs = logits[:, None].sigmoid()  # [R, 1, M, M]
+    if len(labels) == 1:  # no split: one image's count stays symbolic in a trace
+        return [probs]
     return list(probs.split([len(lab) for lab in labels], dim=0))

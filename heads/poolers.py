@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_area, roi_align
 
 from resdet.layers.conv import eager_mode
+from resdet.layers.tracing import is_tracing
 
 from resdet.layers.roi_align import multi_level_roi_align, pixel_table
 
@@ -135,9 +136,7 @@ class MultiScaleRoIAlign(nn.Module):
 
         # [R, 5] rois: (image index, x1, y1, x2, y2).
         all_boxes = torch.cat(boxes, dim=0)
-        image_ids = torch.cat(
-            [torch.full((len(b), 1), i, dtype=all_boxes.dtype, device=all_boxes.device) for i, b in enumerate(boxes)]
-        )
+        image_ids = torch.cat([torch.full_like(b[:, :1], i, dtype=all_boxes.dtype) for i, b in enumerate(boxes)])
         rois = torch.cat([image_ids, all_boxes], dim=1)
 
         if self._use_sparse(levels_x):
@@ -169,6 +168,7 @@ class MultiScaleRoIAlign(nn.Module):
         result = x0.new_zeros((rois.shape[0], x0.shape[1]) + self.output_size)
         for level, (x, scale) in enumerate(zip(levels_x, scales)):
             idx = torch.where(levels == level)[0]
-            if idx.numel() > 0:
-                result[idx] = pool(x, rois[idx], scale).to(result.dtype)
+            if is_tracing() or idx.numel() > 0:  # a trace keeps every level: its counts are the example's
+                # index_put_, not result[idx] = ...: a trace of that freezes a level holding one RoI.
+                result.index_put_((idx,), pool(x, rois[idx], scale).to(result.dtype))
         return result

@@ -226,11 +226,13 @@ class RoIHeads(nn.Module):
         num_classes = class_logits.shape[-1]
         scores_all = F.softmax(class_logits, -1)
         deltas_all = box_regression.reshape(box_regression.shape[0], num_classes, 4)  # [R, K, 4]
-        counts = [len(p) for p in proposals]
+        if len(proposals) == 1:  # no split: one image's proposal count stays symbolic in a trace
+            per_image = [(scores_all, deltas_all)]
+        else:
+            counts = [len(p) for p in proposals]
+            per_image = list(zip(scores_all.split(counts), deltas_all.split(counts)))
         results = []
-        for scores, deltas, props, image_size in zip(
-            scores_all.split(counts), deltas_all.split(counts), proposals, image_sizes
-        ):
+        for (scores, deltas), props, image_size in zip(per_image, proposals, image_sizes):
             # (proposal, class) pairs above the threshold, background dropped, in proposal-major order.
             prop_idx, cls_idx = torch.where(scores[:, 1:] > self.score_thresh)
             labels = cls_idx + 1

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from resdet.layers.conv import Conv2d, eager_mode
+from resdet.layers.tracing import at_most
 
 from .anchors import AnchorGenerator
 from resdet.layers.box_ops import BalancedPositiveNegativeSampler, BoxCoder, Matcher
@@ -180,8 +181,8 @@ class RegionProposalNetwork(nn.Module):
             anchors: Tensor[A_total, 4].
             objectness: Tensor[N, A_total] logits (detached here).
             deltas: Tensor[N, A_total, 4] (detached here).
-            image_sizes: per image ``(h, w)`` before padding.
-            num_anchors_per_level: Al for every level.
+            image_sizes: per image ``(h, w)`` before padding (ints, or traced 0-dim tensors).
+            num_anchors_per_level: Al for every level (likewise).
 
         Returns:
             Per image the proposals Tensor[P, 4] and their objectness probabilities Tensor[P].
@@ -189,16 +190,16 @@ class RegionProposalNetwork(nn.Module):
         objectness = objectness.detach().float()  # scores, decoding and NMS in float32 under autocast
         deltas = deltas.detach().float()
         num_images = objectness.shape[0]
-        device = objectness.device
         top_idx, level_ids, offset = [], [], 0
+        # Level sizes are ints, or traced 0-dim tensors (k and the offsets then stay symbolic).
         for level, ob in enumerate(objectness.split(num_anchors_per_level, dim=1)):
-            k = min(self.pre_nms_top_n(), ob.shape[1])
-            top_idx.append(ob.topk(k, dim=1).indices + offset)
-            level_ids.append(torch.full((k,), level, dtype=torch.int64, device=device))
+            idx = ob.topk(at_most(ob.shape[1], self.pre_nms_top_n()), dim=1).indices  # [N, k]
+            top_idx.append(idx + offset)
+            level_ids.append(torch.full_like(idx[0], level))
             offset += ob.shape[1]
         top_idx = torch.cat(top_idx, dim=1)  # [N, K_total]
         levels = torch.cat(level_ids)  # [K_total]
-        batch_idx = torch.arange(num_images, device=device)[:, None]
+        batch_idx = torch.arange(num_images, device=objectness.device)[:, None]
         scores = torch.sigmoid(objectness[batch_idx, top_idx])  # [N, K_total]
         # Decoding is elementwise: decoding only the selected anchors gives the same boxes.
         boxes = self.box_coder.decode(deltas[batch_idx, top_idx], anchors[top_idx])  # [N, K_total, 4]

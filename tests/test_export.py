@@ -6,14 +6,15 @@ axes and every size computed inside the graph really change between trace and ru
 import copy
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from resdet.export import (ExportError, OnnxPredictor, TorchScriptPredictor, example_image, exportable,
-                           paste_masks_traceable, to_onnx, to_torchscript)
+from resdet.export import (ExportError, OnnxPredictor, TorchScriptPredictor, example_image, exportable, to_onnx,
+                           to_torchscript)
 from resdet.models import faster_rcnn, mask_rcnn, semantic_fpn
 from tool_loader import load_tool
 
@@ -152,10 +153,12 @@ def test_fixed_input_size_and_metadata(tmp_path):
     torch.manual_seed(0)
     model = semantic_fpn("resnet18", num_classes=3).eval()
     path = tmp_path / "fixed.onnx"
-    report = to_onnx(model, path, input_size=(64, 96), metadata={"class_names": '["a", "b"]'}, verbose=False)
+    report = to_onnx(model, path, input_size=(64, 96), opset=16, metadata={"class_names": '["a", "b"]'},
+                     verbose=False)
     assert report.image_size == (64, 96) and report.max_diff["sem_seg"] == 0
-    dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [3, 64, 96]
+    proto = onnx.load(str(path))
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [3, 64, 96]
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 16
     assert json.loads(OnnxPredictor(path).metadata["class_names"]) == ["a", "b"]
 
 
@@ -171,18 +174,47 @@ def test_unexportable_op_names_the_module(tmp_path):
         to_onnx(model, tmp_path / "bad.onnx", input_size=(64, 64), check=False)
 
 
+def test_export_error_without_the_private_dispatch_mode(monkeypatch):
+    """The module is found with torch.utils._python_dispatch (private); without it the op is still named."""
+    from resdet.export import exporters
+
+    model = semantic_fpn("resnet18", num_classes=3).eval()
+    model.sem_seg_head.predictor = nn.Sequential(model.sem_seg_head.predictor, _Erfcx())
+    wrapper, image = exportable(model), torch.rand(3, 64, 64)
+    err = RuntimeError("Exporting the operator 'aten::special_erfcx' to ONNX opset version 17 is not supported.")
+    with pytest.raises(ExportError, match=r"aten::special_erfcx in module sem_seg_head\.predictor\.1 \(_Erfcx\)"):
+        exporters._raise_export_error(err, wrapper, image, "ONNX export")
+    monkeypatch.setitem(sys.modules, "torch.utils._python_dispatch", None)  # its import now fails
+    assert exporters._dispatch_mode() is None
+    with pytest.raises(ExportError, match=r"aten::special_erfcx \(module not identified\) cannot be exported"):
+        exporters._raise_export_error(err, wrapper, image, "ONNX export")
+
+
 def test_exportable_rejects_other_models():
     with pytest.raises(TypeError, match="GeneralizedRCNN or SemanticFPN"):
         exportable(nn.Linear(2, 2))
 
 
-def test_paste_masks_traceable_equals_eager_paste():
+def test_paste_masks_traced_at_one_size_equals_eager_at_others():
+    """paste_masks' tracing branch, recorded on 2 masks in 40x50, pastes any count into any size."""
     from resdet.layers.mask_paste import paste_masks
 
-    masks = torch.rand(4, 1, 28, 28)
-    boxes = torch.tensor([[10.0, 20, 50, 60], [-5, -3, 30, 30], [100, 50, 200, 120], [5, 5, 6.5, 7]])
-    got = paste_masks_traceable(masks, boxes, torch.tensor(90), torch.tensor(150))
-    torch.testing.assert_close(got, paste_masks(masks, boxes, (90, 150)), atol=1e-6, rtol=0)
+    def paste(masks, boxes, image):
+        return paste_masks(masks, boxes, image.shape[-2:])
+
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about constants (the mask size M)
+        traced = torch.jit.trace(paste, (torch.rand(2, 1, 28, 28, generator=g), torch.tensor([[2.0, 3, 20, 30]] * 2),
+                                         torch.zeros(1, 40, 50)), check_trace=False)
+    # Inside, across every edge, a sub-pixel box, an inverted one and one wholly outside the image.
+    boxes = torch.tensor([[10.0, 20, 50, 60], [-5, -3, 30, 30], [100, 50, 200, 120], [5, 5, 6.5, 7],
+                          [40, 40, 30, 30], [300, 300, 320, 330]])
+    masks = torch.rand(len(boxes), 1, 28, 28, generator=g)
+    for height, width in [(90, 150), (64, 64)]:
+        got = traced(masks, boxes, torch.zeros(1, height, width))
+        torch.testing.assert_close(got, paste_masks(masks, boxes, (height, width)), atol=1e-6, rtol=0)
+    assert traced(masks[:0], boxes[:0], torch.zeros(1, 30, 20)).shape == (0, 1, 30, 20)
 
 
 def test_tools_export_cli_from_resdet_checkpoint(tmp_path, capsys):

@@ -6,27 +6,24 @@
 largest difference to the PyTorch model. :class:`OnnxPredictor` runs an ONNX file with onnxruntime
 behind the PyTorch model's interface. onnx / onnxruntime come with ``pip install -e ".[export]"``.
 """
-from .exporters import (DEFAULT_OPSET, CheckReport, ExportError, check_opset, check_outputs, example_image, exportable,
-                        to_onnx, to_torchscript)
+from .exporters import (DEFAULT_OPSET, CheckReport, ExportError, OneImageModel, check_opset, check_outputs,
+                        example_image, exportable, to_onnx, to_torchscript)
 from .runtime import LatencyRow, OnnxPredictor, TorchScriptPredictor, bench_onnxruntime, format_latency_rows
-from .traceable import TraceableDetector, TraceableSemanticFPN, paste_masks_traceable
 
 __all__ = [
     "DEFAULT_OPSET",
     "CheckReport",
     "ExportError",
     "LatencyRow",
+    "OneImageModel",
     "OnnxPredictor",
     "TorchScriptPredictor",
-    "TraceableDetector",
-    "TraceableSemanticFPN",
     "bench_onnxruntime",
     "check_opset",
     "check_outputs",
     "example_image",
     "exportable",
     "format_latency_rows",
-    "paste_masks_traceable",
     "to_onnx",
     "to_torchscript",
 ]

@@ -1,9 +1,11 @@
 """Export a resdet model to ONNX or TorchScript, then check the file against the PyTorch model.
 
-Both formats trace :mod:`resdet.export.traceable` (the model's inference on one image with every size
-kept symbolic): ONNX with PyTorch's TorchScript-based exporter (``dynamo=False``; detection post-processing
-has data-dependent shapes — top-k, NMS, per-class filtering — which it records as ONNX ops, as
-torchvision's detectors are exported), TorchScript with ``torch.jit.trace``.
+Both formats trace the model's own eval-mode inference (``model([image])[0]``, through
+:class:`OneImageModel`): the transform, RPN, RoI heads and post-processing keep every size symbolic
+while traced (:mod:`resdet.layers.tracing`), so the recorded graph is valid for any H×W. ONNX is
+written by PyTorch's TorchScript-based exporter (``dynamo=False``; detection post-processing has
+data-dependent shapes — top-k, NMS, per-class filtering — which it records as ONNX ops, as
+torchvision's detectors are exported), TorchScript by ``torch.jit.trace``.
 
 The exported model takes one image ``image`` float Tensor[3, H, W] in [0, 1], any H×W unless
 ``input_size`` fixes it, and returns ``boxes`` Tensor[D, 4] (xyxy, original pixels), ``labels`` int64
@@ -21,10 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .traceable import TraceableDetector, TraceableSemanticFPN
-
-__all__ = ["ExportError", "CheckReport", "exportable", "to_onnx", "to_torchscript", "check_outputs", "check_opset",
-           "example_image", "DEFAULT_OPSET"]
+__all__ = ["ExportError", "CheckReport", "OneImageModel", "exportable", "to_onnx", "to_torchscript",
+           "check_outputs", "check_opset", "example_image", "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 11  # padding to a computed (dynamic) size is an ONNX Pad with input pads from opset 11 on
@@ -53,12 +53,37 @@ class ExportError(RuntimeError):
     """An op of the model cannot be exported; the message names the op and the module that runs it."""
 
 
-def exportable(model: nn.Module) -> nn.Module:
-    """The one-image traceable module of a resdet model (``GeneralizedRCNN`` or ``SemanticFPN``)."""
+class OneImageModel(nn.Module):
+    """``model([image])[0]`` as a tuple of tensors, the form tracers record.
+
+    ``forward(image Tensor[3, H, W] in [0, 1])`` returns the eval outputs named ``output_names``, in that
+    order. The model is held, not copied: tracing this module traces the model's own code.
+
+    Args:
+        model: an eval-mode resdet model.
+        output_names: keys of the model's output dict to return.
+    """
+
+    def __init__(self, model: nn.Module, output_names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.output_names = list(output_names)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
+        out = self.model([image])[0]
+        return tuple(out[name] for name in self.output_names)
+
+
+def exportable(model: nn.Module) -> OneImageModel:
+    """The one-image module of a resdet model (``GeneralizedRCNN`` or ``SemanticFPN``) that is traced."""
     if hasattr(model, "rpn") and hasattr(model, "roi_heads"):
-        return TraceableDetector(model).eval()
+        names = ["boxes", "labels", "scores"] + (["masks"] if getattr(model, "has_masks", False) else [])
+        return OneImageModel(model, names).eval()
     if hasattr(model, "sem_seg_head"):
-        return TraceableSemanticFPN(model).eval()
+        divisible = model.transform.size_divisible
+        if divisible % 32:  # the semantic head's upsampled levels must meet at every traced size
+            raise ValueError(f"export needs size_divisible to be a multiple of 32, got {divisible}")
+        return OneImageModel(model, ["sem_seg"]).eval()
     raise TypeError(f"cannot export {type(model).__name__}: expected a resdet GeneralizedRCNN or SemanticFPN")
 
 
@@ -79,13 +104,25 @@ def _prepare(model: nn.Module, optimize: bool, channels_last: bool) -> nn.Module
     return model
 
 
-def _culprit(wrapper: nn.Module, image: Tensor, op: str) -> str:
-    """Dotted name (and type) of the first module whose forward runs the ATen op ``op`` ("aten::name")."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def _dispatch_mode() -> type | None:
+    """PyTorch's ``TorchDispatchMode``, or None: it lives in a private module, so it is optional here."""
+    try:
+        from torch.utils._python_dispatch import TorchDispatchMode
+    except ImportError:
+        return None
+    return TorchDispatchMode
 
+
+def _culprit(wrapper: nn.Module, image: Tensor, op: str) -> str | None:
+    """Dotted name (and type) of the first module whose forward runs the ATen op ``op`` ("aten::name");
+    None when it cannot be told."""
+    mode = _dispatch_mode()
+    if mode is None:
+        return None
     stack: list[str] = []
     found: list[str] = []
-    names = {m: n for n, m in wrapper.named_modules()}
+    root = wrapper.model if isinstance(wrapper, OneImageModel) else wrapper  # names as in the user's model
+    names = {m: n for n, m in root.named_modules()}
 
     def enter(module: nn.Module, args: tuple) -> None:
         stack.append(f"{names[module] or 'model'} ({type(module).__name__})")
@@ -95,9 +132,9 @@ def _culprit(wrapper: nn.Module, image: Tensor, op: str) -> str:
 
     hooks = [h for m in names for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
 
-    class Spy(TorchDispatchMode):
+    class Spy(mode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not found and func._schema.name == op and stack:
+            if not found and stack and getattr(getattr(func, "_schema", None), "name", None) == op:
                 found.append(stack[-1])
             return func(*args, **(kwargs or {}))
 
@@ -109,7 +146,7 @@ def _culprit(wrapper: nn.Module, image: Tensor, op: str) -> str:
     finally:
         for h in hooks:
             h.remove()
-    return found[0] if found else "unknown module"
+    return found[0] if found else None
 
 
 def _raise_export_error(err: Exception, wrapper: nn.Module, image: Tensor, what: str) -> None:
@@ -117,8 +154,9 @@ def _raise_export_error(err: Exception, wrapper: nn.Module, image: Tensor, what:
     if match is None:
         raise ExportError(f"{what} failed: {err}") from err
     op = match.group(1)
-    raise ExportError(f"{what}: op {op} in module {_culprit(wrapper, image, op)} cannot be exported: "
-                      f"{str(err).splitlines()[0]}") from err
+    module = _culprit(wrapper, image, op)
+    where = f"in module {module}" if module else "(module not identified)"
+    raise ExportError(f"{what}: op {op} {where} cannot be exported: {str(err).splitlines()[0]}") from err
 
 
 def to_onnx(

@@ -89,7 +89,6 @@ class TorchScriptPredictor(_Predictor):
     """A TorchScript file written by :func:`resdet.export.to_torchscript`, loaded with ``torch.jit.load``."""
 
     def __init__(self, path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> None:
-
         extra = {"output_names": ""}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice

@@ -10,6 +10,7 @@ Nothing here imports ``resdet.backbones``, ``resdet.heads`` or ``resdet.models``
 * :mod:`.roi_align`: RoIAlign on CPU as one sparse linear map.
 * :mod:`.box_ops`: box coder, matcher, sampler, box losses.
 * :mod:`.mask_paste`: RoI masks pasted into full-size images.
+* :mod:`.tracing`: whether ``torch.jit.trace`` / ONNX export is recording (inference keeps sizes symbolic).
 """
 from .box_ops import BOX_LOSSES, BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_regression_loss
 from .conv import PLAIN_CONVS, Conv2d

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from resdet.layers.tracing import is_tracing
+
 from .transform import DetectionTransform
 from .validation import validate_inputs
 
@@ -24,6 +26,10 @@ class GeneralizedRCNN(nn.Module):
     Eval mode: ``model(images)`` returns per image a dict with ``boxes`` (Tensor[D, 4] xyxy in original
     pixels), ``labels`` (int64 Tensor[D]), ``scores`` (Tensor[D]) and, with a mask head, ``masks``
     (Tensor[D, 1, H, W] probabilities).
+
+    ``torch.jit.trace`` / ``torch.onnx.export`` of the eval-mode model on one image record a graph valid
+    for any image size (``resdet.export`` wraps it; every size stays symbolic, see
+    :mod:`resdet.layers.tracing`).
 
     Args:
         backbone: ``BackboneWithFPN`` returning features named p2..p6, with ``out_channels``.
@@ -71,12 +77,13 @@ class GeneralizedRCNN(nn.Module):
         )
         if not self.training:
             targets = None
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        original_sizes = [(im.shape[-2], im.shape[-1]) for im in images]  # ints (traced: 0-dim tensors)
         batch, image_sizes, targets = self.transform(images, targets)
         features = self.backbone(batch)
-        if self.transform.channels_last and batch.device.type != "cpu":
-            # torchvision's RoIAlign reads NCHW memory: convert each level once, not once per call. On CPU
-            # resdet's RoIAlign gathers channels-last pixels, and the RPN convolutions stay channels-last.
+        if self.transform.channels_last and (batch.device.type != "cpu" or is_tracing()):
+            # torchvision's RoIAlign (CUDA; any device in a trace) reads NCHW memory: convert each level
+            # once, not once per call. In eager CPU runs resdet's RoIAlign gathers channels-last pixels,
+            # and the RPN convolutions stay channels-last.
             features = {k: v.contiguous() for k, v in features.items()}
         proposals, rpn_losses = self.rpn(batch, image_sizes, features, targets)
         detections, roi_losses = self.roi_heads(features, proposals, image_sizes, targets)

@@ -23,11 +23,12 @@ from torch import Tensor, nn
 
 from resdet.backbones.fpn import build_resnet_fpn
 from resdet.layers.shape_spec import ShapeSpec
+from resdet.layers.tracing import is_tracing
 from resdet.heads.semantic_head import SemanticFPNHead
 
 from .validation import check_images, check_sem_seg_targets
 from .registry import register_arch
-from .transform import IMAGENET_MEAN, IMAGENET_STD, ImageBatcher, min_sizes
+from .transform import IMAGENET_MEAN, IMAGENET_STD, ImageBatcher, min_sizes, resized_size
 
 __all__ = ["SemanticFPN", "SemSegTransform", "semantic_fpn"]
 
@@ -85,7 +86,7 @@ class SemSegTransform(ImageBatcher):
             resized.append(self.normalize(image))
             if sem_seg is not None:
                 maps.append(sem_seg.long())
-        image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in resized]
+        image_sizes = [(im.shape[-2], im.shape[-1]) for im in resized]  # ints (traced: 0-dim tensors)
         batch = self.batch_images(resized)
         hp, wp = batch.shape[-2:]
         targets = None
@@ -97,6 +98,10 @@ class SemSegTransform(ImageBatcher):
 
     def _resize_and_crop(self, image: Tensor, sem_seg: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """One image Tensor[C, H, W] (and map Tensor[H, W]): base resize, training rescale and crop."""
+        if is_tracing() and not self.training and self.min_size is not None:
+            # The eval resize below with symbolic sizes (the same sizes: floor(H * scale) in float64).
+            size = resized_size(image.shape[-2], image.shape[-1], self.min_size[-1], self.max_size)
+            return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0], None
         scale = self._scale(image.shape[-2:])
         if self.training and self.scale_range is not None:
             scale = (1.0 if scale is None else scale) * self._uniform(*self.scale_range)
@@ -144,11 +149,15 @@ class SemSegTransform(ImageBatcher):
     def postprocess(
         self, logits: Tensor, image_sizes: list[tuple[int, int]], original_sizes: list[tuple[int, int]]
     ) -> list[Tensor]:
-        """Crops padded logits Tensor[N, K, Hp, Wp] and resizes each to Tensor[K, H, W] at original size."""
+        """Crops padded logits Tensor[N, K, Hp, Wp] and resizes each to Tensor[K, H, W] at original size.
+
+        Sizes are ints, or traced 0-dim tensors."""
         out = []
         for i, ((h, w), original) in enumerate(zip(image_sizes, original_sizes)):
             x = logits[i : i + 1, :, :h, :w]  # [1, K, h, w], padding cropped off
-            if (h, w) != tuple(original):
+            # A trace cannot compare sizes: it resizes whenever the transform does (eval: min_size set).
+            resize = self.min_size is not None if is_tracing() else (h, w) != tuple(original)
+            if resize:
                 x = F.interpolate(x, size=tuple(original), mode="bilinear", align_corners=False)
             out.append(x[0])
         return out
@@ -205,7 +214,7 @@ class SemanticFPN(nn.Module):
         check_sem_seg_targets(images, targets, num_classes=self.num_classes,
                               ignore_index=self.sem_seg_head.ignore_index, training=self.training)
         sem_segs = [t["sem_seg"] for t in targets] if self.training and targets is not None else None
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        original_sizes = [(im.shape[-2], im.shape[-1]) for im in images]  # ints (traced: 0-dim tensors)
         batch, image_sizes, padded_targets = self.transform(images, sem_segs)
         features = self.backbone(batch)
         logits, losses = self.sem_seg_head(features, padded_targets)

@@ -1,7 +1,12 @@
 """Input transform of the detectors: normalize, resize, pad into a batch; map results back.
 
-Numerics follow torchvision's ``GeneralizedRCNNTransform`` exactly (same interpolation calls, same
-scale-factor arithmetic), so a resdet detector and a torchvision one see bit-identical input tensors.
+Numerics follow torchvision's ``GeneralizedRCNNTransform`` exactly (the same resized sizes, computed in
+float64 as ``F.interpolate``'s ``recompute_scale_factor`` does, and the same interpolation), so a resdet
+detector and a torchvision one see bit-identical input tensors.
+
+The same code runs under ``torch.jit.trace`` / ONNX export: sizes are Python ints in eager mode and
+traced 0-dim tensors there (:mod:`resdet.layers.tracing`); the two places that would freeze them (the
+resize arithmetic and the batch padding) have a tracing branch.
 
 Shape shorthand:
     N   images in the batch
@@ -12,6 +17,7 @@ Shape shorthand:
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -19,8 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resdet.layers.tracing import is_tracing
+
 __all__ = [
-    "DetectionTransform", "ImageBatcher", "resize_boxes", "min_sizes", "IMAGENET_MEAN", "IMAGENET_STD",
+    "DetectionTransform", "ImageBatcher", "resize_boxes", "resized_size", "min_sizes", "IMAGENET_MEAN",
+    "IMAGENET_STD",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,17 +46,38 @@ def min_sizes(min_size: int | Sequence[int] | None, max_size: int | None) -> tup
     return sizes
 
 
+def resized_size(height: int | Tensor, width: int | Tensor, min_size: int, max_size: int | None) -> tuple:
+    """``(h, w)`` of an image of ``height`` × ``width`` resized so its shortest side is ``min_size`` and its
+    longest at most ``max_size`` (None: no cap).
+
+    ``h = floor(height * scale)`` with ``scale = min(min_size / min(H, W), max_size / max(H, W))`` in
+    float64, as ``F.interpolate(scale_factor=scale, recompute_scale_factor=True)`` sizes its output.
+    Python ints give Python ints; traced 0-dim int64 sizes give 0-dim int64 tensors, by the same float64
+    arithmetic in torch ops.
+    """
+    if isinstance(height, Tensor):  # traced sizes: keep them symbolic
+        hf, wf = height.to(torch.float64), width.to(torch.float64)
+        scale = min_size / torch.minimum(hf, wf)
+        if max_size is not None:
+            scale = torch.minimum(scale, max_size / torch.maximum(hf, wf))
+        return torch.floor(hf * scale).to(torch.int64), torch.floor(wf * scale).to(torch.int64)
+    scale = min_size / min(height, width)
+    if max_size is not None:
+        scale = min(scale, max_size / max(height, width))
+    return math.floor(height * scale), math.floor(width * scale)
+
+
 def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
-    """Scales ``boxes`` (Tensor[D, 4], xyxy) from an image of ``original_size`` (h, w) to ``new_size``."""
+    """Scales ``boxes`` (Tensor[D, 4], xyxy) from an image of ``original_size`` (h, w) to ``new_size``.
+
+    Sizes are ints, or traced 0-dim tensors (they stay symbolic)."""
     # Ratios computed as float32 tensors, as torchvision does, so rounding is identical.
-    ratio_h = torch.tensor(new_size[0], dtype=torch.float32, device=boxes.device) / torch.tensor(
-        original_size[0], dtype=torch.float32, device=boxes.device
-    )
-    ratio_w = torch.tensor(new_size[1], dtype=torch.float32, device=boxes.device) / torch.tensor(
-        original_size[1], dtype=torch.float32, device=boxes.device
-    )
-    scale = torch.stack((ratio_w, ratio_h, ratio_w, ratio_h))
-    return boxes * scale
+    def ratio(new: int | Tensor, old: int | Tensor) -> Tensor:
+        f32 = dict(dtype=torch.float32, device=boxes.device)
+        return torch.as_tensor(new, **f32) / torch.as_tensor(old, **f32)
+
+    ratio_h, ratio_w = ratio(new_size[0], original_size[0]), ratio(new_size[1], original_size[1])
+    return boxes * torch.stack((ratio_w, ratio_h, ratio_w, ratio_h))
 
 
 class ImageBatcher(nn.Module):
@@ -62,7 +92,12 @@ class ImageBatcher(nn.Module):
     """
 
     def __init__(
-        self, image_mean: Sequence[float], image_std: Sequence[float], size_divisible: int, *, channels_last: bool = False
+        self,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        size_divisible: int,
+        *,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if len(image_mean) != len(image_std):
@@ -82,7 +117,7 @@ class ImageBatcher(nn.Module):
 
         float64 images (numpy's default, e.g. ``torch.from_numpy(array / 255)``) are computed in
         float32, the precision of the model's weights: the values are valid, only more precise than the
-        convolutions take, so the transform converts them as it resizes them instead of failing.
+        convolutions take, so the transform converts them instead of failing.
         """
         if image.dtype == torch.float64:
             image = image.float()
@@ -95,6 +130,8 @@ class ImageBatcher(nn.Module):
         """Pads Tensor[C, h, w] images bottom-right with zeros into one Tensor[N, C, Hp, Wp], Hp and Wp the
         largest h and w rounded up to a multiple of ``size_divisible``."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        if is_tracing():
+            return self._batch_traced(images).contiguous(memory_format=memory_format)
         c = images[0].shape[0]
         stride = float(self.size_divisible)
         hp = int(math.ceil(max(im.shape[-2] for im in images) / stride) * stride)
@@ -103,6 +140,15 @@ class ImageBatcher(nn.Module):
         for i, im in enumerate(images):
             batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
         return batch
+
+    def _batch_traced(self, images: list[Tensor]) -> Tensor:
+        """:meth:`batch_images` with symbolic sizes: each image padded by ``F.pad``, then stacked."""
+        d = self.size_divisible
+        hp = functools.reduce(torch.maximum, [im.shape[-2] for im in images])
+        wp = functools.reduce(torch.maximum, [im.shape[-1] for im in images])
+        hp, wp = (hp + d - 1) // d * d, (wp + d - 1) // d * d
+        # Pad amounts (left, right, top, bottom) of the last two dims.
+        return torch.stack([F.pad(im, (0, wp - im.shape[-1], 0, hp - im.shape[-2])) for im in images])
 
 
 class DetectionTransform(ImageBatcher):
@@ -156,7 +202,7 @@ class DetectionTransform(ImageBatcher):
             resized.append(image)
             if new_targets is not None:
                 new_targets.append(target)
-        image_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in resized]
+        image_sizes = [(im.shape[-2], im.shape[-1]) for im in resized]  # ints (traced: 0-dim tensors)
         return self.batch_images(resized), image_sizes, new_targets
 
     def _choose_min_size(self) -> int:
@@ -171,21 +217,18 @@ class DetectionTransform(ImageBatcher):
     ) -> tuple[Tensor, dict[str, Tensor] | None]:
         """Resizes one normalized image Tensor[C, H, W] (and its target) so the shortest side is ``min_size``."""
         h, w = image.shape[-2:]
-        scale = min(min_size / min(h, w), self.max_size / max(h, w))
+        size = resized_size(h, w, min_size, self.max_size)
         # [C, H, W] -> [1, C, H, W] for interpolate, then back.
-        image = F.interpolate(
-            image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
-        )[0]
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         if target is None:
             return image, None
         if "masks" in target:
             masks = target["masks"]
             # [M, H, W] -> [M, 1, H, W] (nearest), then drop the channel again.
-            masks = F.interpolate(masks[:, None].float(), scale_factor=scale, recompute_scale_factor=True)
+            masks = F.interpolate(masks[:, None].float(), size=size)
             target["masks"] = masks[:, 0].byte()
         target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
         return image, target
-
 
     def postprocess(
         self,
@@ -196,7 +239,7 @@ class DetectionTransform(ImageBatcher):
         """Maps detections from the resized frame back to original pixels; pastes masks at full size.
 
         ``masks`` come in as Tensor[D, 1, 28, 28] probabilities and leave as Tensor[D, 1, H, W] (as they
-        came, over each box, when ``paste_masks`` is False).
+        came, over each box, when ``paste_masks`` is False). Sizes are ints, or traced 0-dim tensors.
         """
         from resdet.layers.mask_paste import paste_masks
 
