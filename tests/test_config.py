@@ -144,7 +144,7 @@ def test_model_options_dotted_and_checked_against_the_builder():
         # the shapes Mask R-CNN options do not fit a Faster R-CNN: an error naming the option and the arch
         (["model.arch=faster_rcnn"],
          "model.options.mask_layers: model.arch='faster_rcnn' has no option 'mask_layers' (it is an option "
-         "of mask_rcnn)"),
+         "of mask_rcnn, panoptic_fpn)"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError) as err:

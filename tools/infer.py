@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Run a trained model on images or folders; write the images with drawn predictions (detectors: boxes,
-labels, scores, masks; semantic models: a colour overlay with a legend) as PNG, plus ``detections.json``
-(boxes, scores, masks as COCO RLE; semantic: the share of pixels per class). Files that are not images are
+labels, scores, masks; semantic models: a colour overlay with a legend; panoptic models: every segment in
+its own colour, things outlined, a legend) as PNG, plus ``detections.json`` (boxes, scores, masks as COCO
+RLE; semantic: the share of pixels per class; panoptic: the segments with RLE masks). Files that are not images are
 skipped and counted.
 
 Example::
@@ -45,7 +46,10 @@ def _infer(args: argparse.Namespace) -> int:
         cfg = config_for_checkpoint(args.checkpoint, args.config, args.overrides)
         out = infer_images(cfg, args.checkpoint, args.input, args.output, score_thresh=args.score_thresh)
     results, skipped, failed = out["results"], out["skipped"], out["failed"]
-    if "detections" in (results[0] if results else {"detections": []}):
+    first = results[0] if results else {"detections": []}
+    if "segments" in first:
+        found = f"{sum(len(r['segments']) for r in results)} panoptic segments"
+    elif "detections" in first:
         found = f"{sum(len(r['detections']) for r in results)} detections"
     else:
         found = "semantic maps"

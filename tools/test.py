@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Evaluate a checkpoint on a config's validation set and print the tables (COCO bbox/segm, VOC, mIoU).
+"""Evaluate a checkpoint on a config's validation set and print the tables (COCO bbox/segm, VOC, mIoU,
+panoptic PQ / SQ / RQ for All, Things, Stuff and per category).
 
 Examples::
 
@@ -10,8 +11,9 @@ Examples::
 The checkpoint may be a resdet checkpoint or a torchvision detection checkpoint (converted on load; a 91-way
 torchvision COCO model predicts COCO category ids and is evaluated as such). The COCO results JSON
 (``coco_bbox_results.json``, ``coco_segm_results.json`` with RLE masks, in the dataset's category ids,
-ready for the COCO evaluation server) is written to ``train.output_dir``; ``--json`` writes the metrics
-(``bbox/AP``, ``segm/AP``, ...).
+ready for the COCO evaluation server) is written to ``train.output_dir``, for panoptic models also
+``panoptic_results.json`` + ``panoptic_results/`` (panopticapi's format, dataset category ids); ``--json``
+writes the metrics (``bbox/AP``, ``segm/AP``, ``panoptic/PQ``, ...).
 """
 from __future__ import annotations
 

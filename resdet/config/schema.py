@@ -60,7 +60,7 @@ class ModelConfig:
     """Model architecture; typed keys are passed to the builder of ``arch`` where it has a keyword of the
     same name (``resdet.models.registry.build_model``)."""
 
-    arch: str = "mask_rcnn"  # a name registered in resdet.models.registry: faster_rcnn, mask_rcnn, semantic_fpn
+    arch: str = "mask_rcnn"  # a name registered in resdet.models.registry: faster_rcnn, mask_rcnn, semantic_fpn, panoptic_fpn
     backbone: str = "resnet50"
     num_classes: int = 91  # counts the background class for detectors
     norm: Literal["bn", "frozen_bn", "sync_bn", "gn"] | None = None  # None: the builder's default
@@ -92,19 +92,22 @@ class ShapesConfig:
     seed: int = 0
     max_rotation: float = 15.0  # degrees either way; 180 for any orientation (a harder task)
     class_hues: bool = True  # each class has its own hue band; false: outline alone tells classes apart
+    stuff_classes: bool = False  # stuff bands as background + COCO panoptic ground truth (the panoptic demo)
 
 
 @dataclass
 class DataConfig:
     """Dataset location, loading and augmentation."""
 
-    task: Literal["detection", "instance", "semantic"] = "instance"
+    task: Literal["detection", "instance", "semantic", "panoptic"] = "instance"
     dataset: Literal["coco", "voc", "cityscapes", "shapes"] = "coco"
     root: str = "datasets/coco"
     train_images: str = "train2017"  # relative to root (COCO/shapes); VOC: image set name
     train_ann: str = "annotations/instances_train2017.json"
     val_images: str = "val2017"
     val_ann: str = "annotations/instances_val2017.json"
+    train_panoptic_dir: str | None = None  # panoptic PNG folder (relative to root); None: *_ann without .json
+    val_panoptic_dir: str | None = None
     train_split: str = "train"  # VOC/Cityscapes split names
     val_split: str = "val"
     years: list[Year] = field(default_factory=lambda: ["2007", "2012"])  # VOC training years
@@ -173,7 +176,7 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation and visualisation."""
 
-    evaluator: Literal["auto", "coco", "voc", "sem_seg", "none"] = "auto"
+    evaluator: Literal["auto", "coco", "voc", "sem_seg", "panoptic", "none"] = "auto"
     iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
     voc_07_metric: bool = False
     max_images: Count | None = None  # evaluate on the first N validation images only

@@ -10,6 +10,7 @@ Numpy target (what transforms see), N instances:
     labels     int64   [N]    contiguous 1..K (0 is background)
     masks      uint8   [N, H, W]               (instance tasks)
     sem_seg    int64   [H, W], 255 ignored      (semantic tasks)
+    panoptic_seg int64 [H, W] segment ids, with ``segments_info`` (panoptic evaluation targets)
     iscrowd    int64   [N], area float32 [N], difficult bool [N] (VOC) — per-instance extras
     image_id   int
 """
@@ -80,7 +81,8 @@ def select_instances(target: dict[str, Any], keep: np.ndarray) -> dict[str, Any]
 def target_to_tensors(target: dict[str, Any]) -> dict[str, Any]:
     """Numpy target → the tensor target models take (dtypes per the module docstring)."""
     dtypes = {"boxes": torch.float32, "labels": torch.int64, "masks": torch.uint8, "sem_seg": torch.int64,
-              "iscrowd": torch.int64, "area": torch.float32, "difficult": torch.bool}
+              "iscrowd": torch.int64, "area": torch.float32, "difficult": torch.bool,
+              "panoptic_seg": torch.int64}
     out: dict[str, Any] = {}
     for key, value in target.items():
         if key in dtypes:

@@ -39,21 +39,28 @@ CLASS_ROW_KEYS = {
 
 @dataclass(frozen=True)
 class LabelSpace:
-    """Label ``i`` (``1..K``) is dataset category ``cat_ids[i - 1]``, named ``class_names[i - 1]``."""
+    """Label ``i`` (``1..K``) is dataset category ``cat_ids[i - 1]``, named ``class_names[i - 1]``.
+
+    A panoptic model's space also holds its stuff categories: labels ``1..num_things`` are the detector's
+    classes (things), the labels after them stuff (``num_things`` None: every label is a detector class).
+    """
 
     cat_ids: tuple[int, ...]
     class_names: tuple[str, ...]
+    num_things: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.cat_ids) != len(self.class_names):
             raise ValueError(f"label space: {len(self.cat_ids)} category ids but {len(self.class_names)} names")
         if len(set(self.cat_ids)) != len(self.cat_ids):
             raise ValueError(f"label space: repeated category ids in {list(self.cat_ids)}")
+        if self.num_things is not None and not 0 <= self.num_things <= len(self.cat_ids):
+            raise ValueError(f"label space: num_things={self.num_things} for {len(self.cat_ids)} categories")
 
     @property
     def num_classes(self) -> int:
-        """Detector classes counting background (``K + 1``)."""
-        return len(self.cat_ids) + 1
+        """Detector classes counting background (``K + 1``; things + 1 in a panoptic space)."""
+        return (len(self.cat_ids) if self.num_things is None else self.num_things) + 1
 
     def label_to_cat_id(self) -> dict[int, int]:
         """``{label: category id}`` for labels ``1..K``."""
@@ -63,13 +70,18 @@ class LabelSpace:
         """The class name of ``label`` (``str(label)`` outside the space)."""
         return self.class_names[label - 1] if 1 <= label <= len(self.class_names) else str(label)
 
-    def to_dict(self) -> dict[str, list]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain types for checkpoints."""
-        return {"cat_ids": [int(c) for c in self.cat_ids], "class_names": [str(n) for n in self.class_names]}
+        out: dict[str, Any] = {"cat_ids": [int(c) for c in self.cat_ids], "class_names": [str(n) for n in self.class_names]}
+        if self.num_things is not None:
+            out["num_things"] = int(self.num_things)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LabelSpace":
-        return cls(tuple(int(c) for c in data["cat_ids"]), tuple(str(n) for n in data["class_names"]))
+        num_things = data.get("num_things")
+        return cls(tuple(int(c) for c in data["cat_ids"]), tuple(str(n) for n in data["class_names"]),
+                   None if num_things is None else int(num_things))
 
     @classmethod
     def contiguous(cls, cat_ids: list[int], class_names: list[str]) -> "LabelSpace":
@@ -86,7 +98,8 @@ class LabelSpace:
             return None
         mapping = dict(getattr(dataset, "contiguous_to_cat_id", None) or {})
         cat_ids = [int(mapping.get(i + 1, i + 1)) for i in range(len(names))]
-        return cls(tuple(cat_ids), tuple(names))
+        num_things = getattr(dataset, "num_things", None)
+        return cls(tuple(cat_ids), tuple(names), None if num_things is None else int(num_things))
 
     @classmethod
     def from_checkpoint(cls, state: Mapping[str, Any]) -> "LabelSpace | None":
@@ -130,6 +143,8 @@ def remap_class_rows(state_dict: Mapping[str, Tensor], model_state: Mapping[str,
     src_label = {(c, n.lower()): i + 1 for i, (c, n) in enumerate(zip(source.cat_ids, source.class_names))}
     pairs = [(j + 1, src_label[(c, n.lower())]) for j, (c, n) in enumerate(zip(target.cat_ids, target.class_names))
              if (c, n.lower()) in src_label]  # (target label, source label)
+    # Only detector classes have rows (a panoptic space's stuff labels follow its things).
+    pairs = [(t, s) for t, s in pairs if t < target.num_classes and s < source.num_classes]
     done = False
     for key, rows in CLASS_ROW_KEYS.items():
         if key not in state_dict or key not in model_state:

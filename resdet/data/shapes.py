@@ -4,6 +4,13 @@ A new user trains and evaluates without downloading anything: ``generate(root)``
 ``images/{split}/*.jpg``, ``sem_seg/{split}/*.png`` (0 background, 1..K) and
 ``annotations/instances_{split}.json`` (instance masks as RLE or polygons) for "train" and "val".
 
+With ``stuff_classes=True`` (the panoptic demo; off by default, and the default output is unchanged) the
+background is made of wavy horizontal bands of three *stuff* classes that differ by brightness and texture
+(``STUFF_NAMES``: smooth bright "sky", striped "grass", speckled dark "gravel"), and the split also gets
+COCO panoptic ground truth, ``annotations/panoptic_{split}.json`` with ``annotations/panoptic_{split}/*.png``
+(things: category ids 1..4, segment ids ``label * 1000 + k``; stuff: category ids 5..7, one segment per class
+present; pixels of shapes too hidden to be annotated are void); ``sem_seg`` then holds the category ids 1..7.
+
 The task is built to be learnable in minutes on a CPU: four classes that differ by outline (circle, square,
 triangle, cross — each with a small random rotation, random aspect and colour), 1–4 objects per image, objects a sizeable
 fraction of the image, occlusion limited so every object keeps most of its area visible. Everything is drawn
@@ -23,12 +30,15 @@ from pycocotools import mask as mask_utils
 from .base import Transform
 from .coco import CocoDataset
 from .convert import encode_rle
+from .panoptic_io import write_panoptic_png
 
-__all__ = ["CLASS_NAMES", "ShapesSplit", "generate", "ShapesDataset", "draw_sample"]
+__all__ = ["CLASS_NAMES", "STUFF_NAMES", "ShapesSplit", "generate", "ShapesDataset", "draw_sample",
+           "draw_panoptic_sample"]
 
 logger = logging.getLogger("resdet.data")
 
 CLASS_NAMES = ("circle", "square", "triangle", "cross")
+STUFF_NAMES = ("sky", "grass", "gravel")
 _FORMAT_VERSION = 1
 
 
@@ -77,6 +87,45 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return image
 
 
+def _stuff_background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """2-3 wavy horizontal bands, each a stuff class (neighbours differ) with its own brightness and texture.
+
+    Returns:
+        (image float [H, W, 3] 0..255, stuff map int64 [H, W] with values 1..len(STUFF_NAMES)).
+    """
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    bands = int(rng.integers(2, 4))
+    cuts = np.sort(rng.uniform(0.2, 0.8, size=bands - 1)) * height
+    stuff = np.zeros((height, width), dtype=np.int64)
+    previous = 0
+    for band in range(bands):
+        below = np.ones((height, width), dtype=bool)
+        if band < bands - 1:  # the band's lower edge: a sine wave around its cut
+            amplitude, period, phase = rng.uniform(2, 0.08 * height), rng.uniform(0.5, 1.5) * width, rng.uniform(0, 6.3)
+            below = ys < cuts[band] + amplitude * np.sin(2 * np.pi * xs / period + phase)
+        choice = int(rng.choice([k for k in range(1, len(STUFF_NAMES) + 1) if k != previous]))
+        stuff[(stuff == 0) & below] = choice
+        previous = choice
+    image = np.zeros((height, width, 3), dtype=np.float32)
+    for k in range(1, len(STUFF_NAMES) + 1):
+        region = stuff == k
+        if not region.any():
+            continue
+        if k == 1:  # sky: bright, pale blue-grey, smooth vertical gradient
+            base = rng.uniform([150, 170, 200], [200, 215, 245])
+            texture = (ys / height - 0.5)[..., None] * rng.uniform(-40, 40)
+        elif k == 2:  # grass: muted olive, diagonal stripes
+            base = rng.uniform([90, 110, 60], [130, 150, 90])
+            wavelength, angle = rng.uniform(5, 9), rng.uniform(0, np.pi)
+            texture = 28 * np.sin(2 * np.pi * (xs * np.cos(angle) + ys * np.sin(angle)) / wavelength)[..., None]
+        else:  # gravel: dark grey-brown, coarse speckle
+            base = rng.uniform([60, 55, 50], [105, 100, 90])
+            coarse = rng.normal(0, 28, size=(max(1, height // 2), max(1, width // 2), 1)).astype(np.float32)
+            texture = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_NEAREST)[..., None]
+        image[region] = (base + texture)[region]
+    return image, stuff
+
+
 def _class_colour(rng: np.random.Generator, label: int) -> np.ndarray:
     """RGB colour (float [3], 0..255) with a hue from class ``label``'s band of 360/K degrees."""
     band = 180 // len(CLASS_NAMES)  # OpenCV hue runs over 0..179
@@ -98,7 +147,33 @@ def draw_sample(rng: np.random.Generator, height: int, width: int, *, num_object
     Returns:
         (image uint8 [H, W, 3], [(label 1..K, visible mask bool [H, W]), ...]).
     """
-    image = _background(rng, height, width)
+    image, objects, _ = _draw_objects(rng, _background(rng, height, width), num_objects=num_objects,
+                                      object_size=object_size, max_occlusion=max_occlusion,
+                                      max_rotation=max_rotation, class_hues=class_hues, noise=noise)
+    return image, objects
+
+
+def draw_panoptic_sample(rng: np.random.Generator, height: int, width: int, **options: Any
+                         ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]], np.ndarray]:
+    """:func:`draw_sample` on a background of stuff bands (``options`` are its keywords).
+
+    Returns:
+        (image uint8 [H, W, 3], [(label, visible mask), ...], stuff map int64 [H, W] with 1..len(STUFF_NAMES)
+        where stuff shows and 0 under every shape drawn, annotated or not).
+    """
+    background, stuff = _stuff_background(rng, height, width)
+    image, objects, covered = _draw_objects(rng, background, **options)
+    stuff[covered] = 0
+    return image, objects, stuff
+
+
+def _draw_objects(rng: np.random.Generator, image: np.ndarray, *, num_objects: tuple[int, int] = (1, 4),
+                  object_size: tuple[float, float] = (0.16, 0.45), max_occlusion: float = 0.25,
+                  max_rotation: float = 15.0, class_hues: bool = True, noise: float = 6.0
+                  ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]], np.ndarray]:
+    """Shapes drawn on ``image`` (float [H, W, 3]), then pixel noise: (image uint8, visible objects, union
+    of every drawn shape bool [H, W])."""
+    height, width = image.shape[:2]
     short = min(height, width)
     count = int(rng.integers(num_objects[0], num_objects[1] + 1))
     full_masks: list[np.ndarray] = []
@@ -148,7 +223,7 @@ def draw_sample(rng: np.random.Generator, height: int, width: int, *, num_object
         if visible.sum() >= 32:
             objects.append((label, visible))
     objects.reverse()
-    return image, objects
+    return image, objects, union
 
 
 def _polygons(mask: np.ndarray) -> list[list[float]]:
@@ -160,19 +235,46 @@ def _polygons(mask: np.ndarray) -> list[list[float]]:
     return [((c.reshape(-1, 2).astype(np.float64) + 0.5) / 2).ravel().tolist() for c in contours if len(c) >= 3]
 
 
+def _panoptic_segments(objects: list[tuple[int, np.ndarray]], stuff: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    """Segment id map and ``segments_info`` of one image: shapes ``label * 1000 + k``, stuff class s as one
+    segment with id and category id ``len(CLASS_NAMES) + s``; unannotated shape pixels stay void (0)."""
+    ids = np.zeros(stuff.shape, dtype=np.int64)
+    segments = []
+    things = [(label, mask, label * 1000 + k) for k, (label, mask) in enumerate(objects)]
+    stuff_segments = [(len(CLASS_NAMES) + s, stuff == s, len(CLASS_NAMES) + s)
+                      for s in range(1, len(STUFF_NAMES) + 1)]
+    for category, mask, seg_id in things + stuff_segments:
+        if not mask.any():
+            continue
+        ids[mask] = seg_id
+        ys, xs = np.nonzero(mask)
+        segments.append({"id": int(seg_id), "category_id": int(category), "iscrowd": 0, "area": int(mask.sum()),
+                         "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                  int(ys.max() - ys.min() + 1)]})
+    return ids, segments
+
+
 def _write_split(root: str, split: str, num_images: int, height: int, width: int, seed: int, split_index: int,
-                 mask_format: str, draw_options: dict[str, Any]) -> ShapesSplit:
+                 mask_format: str, draw_options: dict[str, Any], stuff_classes: bool = False) -> ShapesSplit:
     paths = _split_paths(root, split)
     for folder in (paths.image_dir, paths.sem_seg_dir, os.path.dirname(paths.ann_file)):
         os.makedirs(folder, exist_ok=True)
-    images, annotations = [], []
+    panoptic_dir = os.path.join(root, "annotations", f"panoptic_{split}")
+    images, annotations, panoptic = [], [], []
     for i in range(num_images):
         rng = np.random.default_rng([seed, split_index, i])
-        image, objects = draw_sample(rng, height, width, **draw_options)
         name = f"{i:06d}"
+        semantic = np.zeros((height, width), dtype=np.uint8)
+        if stuff_classes:
+            image, objects, stuff = draw_panoptic_sample(rng, height, width, **draw_options)
+            semantic[stuff > 0] = (stuff[stuff > 0] + len(CLASS_NAMES)).astype(np.uint8)
+            ids, segments = _panoptic_segments(objects, stuff)
+            write_panoptic_png(os.path.join(panoptic_dir, name + ".png"), ids)
+            panoptic.append({"image_id": i + 1, "file_name": name + ".png", "segments_info": segments})
+        else:
+            image, objects = draw_sample(rng, height, width, **draw_options)
         cv2.imwrite(os.path.join(paths.image_dir, name + ".jpg"), image[:, :, ::-1],
                     [cv2.IMWRITE_JPEG_QUALITY, 95])
-        semantic = np.zeros((height, width), dtype=np.uint8)
         for label, mask in objects:
             semantic[mask] = label
         cv2.imwrite(os.path.join(paths.sem_seg_dir, name + ".png"), semantic)
@@ -195,6 +297,13 @@ def _write_split(root: str, split: str, num_images: int, height: int, width: int
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
     _write_json_atomic({"info": {"description": f"resdet synthetic shapes, {split}, seed {seed}"}, "images": images,
                         "annotations": annotations, "categories": categories}, paths.ann_file)
+    if stuff_classes:
+        categories = ([dict(c, isthing=1) for c in categories] +
+                      [{"id": len(CLASS_NAMES) + k + 1, "name": name, "supercategory": "stuff", "isthing": 0}
+                       for k, name in enumerate(STUFF_NAMES)])
+        _write_json_atomic({"info": {"description": f"resdet synthetic shapes with stuff, {split}, seed {seed}"},
+                            "images": images, "annotations": panoptic, "categories": categories},
+                           os.path.join(root, "annotations", f"panoptic_{split}.json"))
     return paths
 
 
@@ -228,6 +337,9 @@ def _incomplete(root: str, meta: dict[str, Any]) -> str | None:
         paths = _split_paths(root, split)
         expected = [paths.ann_file] + [os.path.join(folder, f"{i:06d}{suffix}") for i in range(count)
                                        for folder, suffix in ((paths.image_dir, ".jpg"), (paths.sem_seg_dir, ".png"))]
+        if meta.get("stuff_classes"):
+            panoptic = os.path.join(root, "annotations", f"panoptic_{split}")
+            expected += [panoptic + ".json"] + [os.path.join(panoptic, f"{i:06d}.png") for i in range(count)]
         missing = [p for p in expected if not os.path.isfile(p)]
         if missing:
             return f"{len(missing)} of its files are missing (e.g. {missing[0]})"
@@ -237,7 +349,8 @@ def _incomplete(root: str, meta: dict[str, Any]) -> str | None:
 def generate(root: str, *, num_train: int = 400, num_val: int = 100, image_size: int | tuple[int, int] = 128,
              seed: int = 0, num_objects: tuple[int, int] = (1, 4), object_size: tuple[float, float] = (0.16, 0.45),
              max_occlusion: float = 0.25, max_rotation: float = 15.0, class_hues: bool = True,
-             mask_format: Literal["rle", "polygon"] = "rle", overwrite: bool = False) -> dict[str, ShapesSplit]:
+             mask_format: Literal["rle", "polygon"] = "rle", stuff_classes: bool = False,
+             overwrite: bool = False) -> dict[str, ShapesSplit]:
     """Writes the synthetic shapes dataset under ``root`` (or reuses it when it was written with the same
     arguments and ``overwrite`` is False).
 
@@ -253,6 +366,7 @@ def generate(root: str, *, num_train: int = 400, num_val: int = 100, image_size:
             rotations keep the classes learnable from scratch within the demo's few hundred iterations.
         class_hues: each class takes its colours from its own hue band (see ``draw_sample``).
         mask_format: COCO segmentation as compressed "rle" or "polygon".
+        stuff_classes: stuff bands as background and COCO panoptic ground truth (module docstring).
         overwrite: regenerate even when a matching dataset exists.
 
     Returns:
@@ -272,6 +386,8 @@ def generate(root: str, *, num_train: int = 400, num_val: int = 100, image_size:
     meta = {"version": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val, "image_size": [height, width],
             "seed": seed, "mask_format": mask_format, **{k: list(v) if isinstance(v, tuple) else v
                                                          for k, v in options.items()}}
+    if stuff_classes:  # only then, so that a dataset written before the option existed is still reused
+        meta["stuff_classes"] = True
     meta_path = os.path.join(root, "shapes_meta.json")
     if not overwrite:
         reason = _incomplete(root, meta)
@@ -284,7 +400,8 @@ def generate(root: str, *, num_train: int = 400, num_val: int = 100, image_size:
         os.remove(meta_path)  # an interrupted run must not look complete
     splits = {}
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
-        splits[split] = _write_split(root, split, count, height, width, seed, split_index, mask_format, options)
+        splits[split] = _write_split(root, split, count, height, width, seed, split_index, mask_format, options,
+                                     stuff_classes)
     _write_json_atomic(meta, meta_path)  # last: its presence says every file above is complete
     return splits
 

@@ -8,6 +8,7 @@ uninterrupted one would, whatever the number of workers.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -81,7 +82,7 @@ def ensure_shapes(cfg: Config) -> None:
     if not os.path.isfile(os.path.join(cfg.data.root, "shapes_meta.json")):
         logger.info("generating the shapes dataset in %s", cfg.data.root)
     shapes.generate(cfg.data.root, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed,
-                    max_rotation=s.max_rotation, class_hues=s.class_hues)
+                    max_rotation=s.max_rotation, class_hues=s.class_hues, stuff_classes=s.stuff_classes)
 
 
 def _transforms(cfg: Config, train: bool):
@@ -111,9 +112,38 @@ def _voc_val_year(d: Any) -> str:
                       f"(looked for {tried})")
 
 
+def _build_panoptic(cfg: Config, *, train: bool, transforms) -> Dataset:
+    """Panoptic data: COCO panoptic json + PNGs (COCO, shapes with stuff) or Cityscapes panoptic."""
+    from resdet.data.panoptic import CityscapesPanopticDataset, CocoPanopticDataset
+
+    d = cfg.data
+    common = dict(transforms=transforms, remove_empty=d.remove_empty and train, with_panoptic_gt=not train)
+    if d.dataset == "cityscapes":
+        return CityscapesPanopticDataset(d.root, d.train_split if train else d.val_split,
+                                         missing_images=d.missing_images, **common)
+    if d.dataset == "shapes":
+        if not d.shapes.stuff_classes:
+            raise ConfigError("data.task=panoptic on shapes needs data.shapes.stuff_classes=true (stuff bands and "
+                              "panoptic ground truth)")
+        ensure_shapes(cfg)
+        split = "train" if train else "val"
+        return CocoPanopticDataset(os.path.join(d.root, "images", split),
+                                   os.path.join(d.root, "annotations", f"panoptic_{split}.json"), **common)
+    if d.dataset == "coco":
+        images, ann, pngs = ((d.train_images, d.train_ann, d.train_panoptic_dir) if train
+                             else (d.val_images, d.val_ann, d.val_panoptic_dir))
+        return CocoPanopticDataset(os.path.join(d.root, images), os.path.join(d.root, ann),
+                                   None if pngs is None else os.path.join(d.root, pngs),
+                                   missing_images=d.missing_images, **common)
+    raise ConfigError(f"data.task=panoptic: data.dataset={d.dataset!r} has no panoptic reader (coco, cityscapes, "
+                      "shapes)")
+
+
 def _build(cfg: Config, *, train: bool, transforms) -> Dataset:
     d = cfg.data
     remove_empty = d.remove_empty and train
+    if d.task == "panoptic":
+        return _build_panoptic(cfg, train=train, transforms=transforms)
     if d.dataset == "shapes":
         from resdet.data.shapes import ShapesDataset
 
@@ -155,8 +185,19 @@ def check_num_classes(cfg: Config, dataset: Dataset, *, where: str) -> None:
     """Stop at start when the data's classes and ``model.num_classes`` disagree (detection tasks)."""
     from resdet.models import arch_task
 
-    if cfg.data.task == "semantic" or arch_task(cfg.model.arch) not in ("detection", "instance"):
+    if cfg.data.task == "semantic" or arch_task(cfg.model.arch) not in ("detection", "instance", "panoptic"):
         return
+    stuff = getattr(dataset, "num_stuff_classes", None)
+    if arch_task(cfg.model.arch) == "panoptic" and stuff is not None:
+        from resdet.models.registry import arch_options, get_arch
+
+        option = "num_stuff_classes"
+        model_stuff = cfg.model.options.get(option)
+        if model_stuff is None and option in arch_options(cfg.model.arch):
+            model_stuff = inspect.signature(get_arch(cfg.model.arch)).parameters[option].default
+        if model_stuff is not None and int(model_stuff) != int(stuff):
+            raise ConfigError(f"the {where} data has {stuff} stuff categories but the model predicts "
+                              f"{model_stuff}: set model.options.num_stuff_classes={stuff}")
     wanted = getattr(dataset, "num_classes", None)
     if wanted is None or int(wanted) == cfg.model.num_classes:
         return
@@ -269,19 +310,22 @@ def build_test_loader(cfg: Config, dataset: Dataset, *, rank: int = 0, world_siz
 
 def build_evaluator(cfg: Config, dataset: Dataset, *, output_dir: str | None = None, label_space=None):
     """The evaluator for ``cfg.eval.evaluator`` (``auto``: COCO for coco/shapes/cityscapes instance
-    data, VOC for voc detection data, mIoU for semantic data); None for ``none``.
+    data, VOC for voc detection data, mIoU for semantic data, PQ plus the instances' COCO AP for panoptic
+    data); None for ``none``.
 
     Args:
         label_space: the model's :class:`~resdet.data.label_space.LabelSpace` (labels → the dataset's
             category ids); None: the dataset's own contiguous mapping.
     """
-    from resdet.evaluation import COCOEvaluator, SemSegEvaluator, VOCEvaluator
+    from resdet.evaluation import COCOEvaluator, PanopticEvaluator, SemSegEvaluator, VOCEvaluator
 
     kind = cfg.eval.evaluator
     if kind == "none":
         return None
     if kind == "auto":
-        if cfg.data.task == "semantic":
+        if cfg.data.task == "panoptic":
+            kind = "panoptic"
+        elif cfg.data.task == "semantic":
             kind = "sem_seg"
         elif cfg.data.dataset == "voc":
             kind = "voc"
@@ -292,6 +336,15 @@ def build_evaluator(cfg: Config, dataset: Dataset, *, output_dir: str | None = N
 
         num = cfg.model.num_classes
         return SemSegEvaluator(num, class_names=semantic_class_names(getattr(dataset, "class_names", []), num))
+    if kind == "panoptic":
+        categories = getattr(dataset, "categories", None)
+        if categories is None:
+            raise ValueError(f"eval.evaluator=panoptic needs a panoptic dataset (data.task=panoptic); "
+                             f"{type(dataset).__name__} has no panoptic categories")
+        mapping = (label_space.label_to_cat_id() if label_space is not None
+                   else getattr(dataset, "contiguous_to_cat_id", None))
+        return PanopticEvaluator(categories, mapping, instance_iou_types=list(cfg.eval.iou_types),
+                                 output_dir=output_dir)
     if kind == "voc":
         return VOCEvaluator(list(dataset.class_names), use_07_metric=cfg.eval.voc_07_metric)
     coco = getattr(dataset, "coco", None)

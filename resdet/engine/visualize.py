@@ -2,7 +2,9 @@
 
 Detections: masks with ``torchvision.utils.draw_segmentation_masks``, boxes with ``draw_bounding_boxes``,
 captions with PIL at a size that follows the image (readable at 128 px and at 2000 px). Semantic maps: a
-colour overlay per class and a legend of the classes present. Images are read by the one reader of the
+colour overlay per class and a legend of the classes present. Panoptic results: every segment in its own
+colour (stuff in its class colour, each thing instance a shade of its class colour), things outlined and
+captioned with their score, and a legend of the classes present. Images are read by the one reader of the
 datasets (``resdet.data.image_io.read_image``: 16-bit, palette, grayscale and RGBA files as training sees them).
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from resdet.data.image_io import ImageReadError, image_to_tensor, read_image
 
-__all__ = ["IMAGE_SUFFIXES", "draw_predictions", "draw_semantic", "list_images", "predict_files",
+__all__ = ["IMAGE_SUFFIXES", "draw_predictions", "draw_semantic", "draw_panoptic", "list_images", "predict_files",
            "save_dataset_visualizations", "read_rgb", "semantic_class_names", "write_rgb", "mask_to_rle"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -105,9 +107,12 @@ def draw_predictions(image: Tensor, output: dict[str, Tensor], *, class_names: S
     """Image ``Tensor[3, H, W]`` (float in [0, 1] or uint8) with boxes, ``label score`` captions and
     masks (thresholded at 0.5) of the detections scoring at least ``score_thresh``; returns uint8.
     Masks are ``masks`` (Tensor[D, 1, H, W] probabilities) or ``mask_rles`` (one COCO RLE per detection, as
-    ``tools/infer.py`` keeps them for large images). A semantic output (``sem_seg``) is drawn by
-    :func:`draw_semantic` (``class_names`` index class ids)."""
+    ``tools/infer.py`` keeps them for large images). A panoptic output (``panoptic_seg``) is drawn by
+    :func:`draw_panoptic`, a semantic one (``sem_seg``) by :func:`draw_semantic` (``class_names`` index class
+    ids)."""
     img = _to_uint8(image)
+    if "panoptic_seg" in output:
+        return draw_panoptic(img, output["panoptic_seg"], output["segments_info"], class_names=class_names)
     if "sem_seg" in output:
         return draw_semantic(img, output["sem_seg"], class_names=class_names)
     keep = output["scores"].cpu() >= score_thresh
@@ -144,23 +149,81 @@ def draw_semantic(image: Tensor, sem_seg: Tensor, *, class_names: Sequence[str] 
         masks = torch.stack([sem == k for k in shown])  # [C, H, W] bool
         img = draw_segmentation_masks(img, masks, alpha=alpha, colors=[palette[k] for k in shown])
     names = [class_names[k] if k < len(class_names) else str(k) for k in present]
-    if not present:
+    return _legend(img, [(name, palette[k] if k else (128, 128, 128)) for k, name in zip(present, names)])
+
+
+def _legend(img: Tensor, entries: list[tuple[str, tuple[int, int, int]]]) -> Tensor:
+    """uint8 ``img`` Tensor[3, H, W] with a legend at the top left: a colour swatch and a name per entry."""
+    if not entries:
         return img
     font, _ = _font(img.shape[1], img.shape[2])
     pil = Image.fromarray(img.permute(1, 2, 0).numpy())  # CHW -> HWC
     draw = ImageDraw.Draw(pil)
     line = draw.textbbox((0, 0), "Hg", font=font)[3] + 2
     y = 2
-    for k, name in zip(present, names):  # legend, top-left: swatch + name
+    for name, color in entries:
         box = draw.textbbox((line + 4, y), name, font=font)
         draw.rectangle((0, y, box[2] + 2, y + line), fill=(0, 0, 0))
-        draw.rectangle((2, y + 2, line - 2, y + line - 2), fill=palette[k] if k else (128, 128, 128))
+        draw.rectangle((2, y + 2, line - 2, y + line - 2), fill=color)
         draw.text((line + 4, y), name, fill=(255, 255, 255), font=font)
         y += line
     return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # HWC -> CHW
 
 
-def _count_drawn(output: dict[str, Tensor], score_thresh: float) -> int:
+def _shade(color: tuple[int, int, int], k: int) -> tuple[int, int, int]:
+    """The k-th instance's variant of a class colour: alternately lighter and darker, up to 45 %."""
+    if k == 0:
+        return color
+    amount = 0.15 * ((k + 1) // 2 % 3 + 1)
+    target = 255 if k % 2 else 0
+    return tuple(int(round(c + (target - c) * amount)) for c in color)  # type: ignore[return-value]
+
+
+def draw_panoptic(image: Tensor, panoptic_seg: Tensor, segments_info: Sequence[dict[str, Any]], *,
+                  class_names: Sequence[str] = (), alpha: float = 0.55) -> Tensor:
+    """uint8 image ``Tensor[3, H, W]`` with the segments of ``panoptic_seg`` (Tensor[H, W] segment ids, 0
+    void, left uncoloured) each in its own colour: stuff in its class colour, thing instances in shades of
+    theirs, outlined in white and captioned ``class score``; a legend lists the classes present.
+    ``segments_info`` entries carry ``id``, ``category_id`` (a label: ``class_names[label - 1]``),
+    ``isthing`` and, for things, ``score``."""
+    img = _to_uint8(image)
+    seg_map = panoptic_seg.cpu()
+    segments = [s for s in segments_info if bool((seg_map == int(s["id"])).any())]
+    if not segments:
+        return img
+    labels = sorted({int(s["category_id"]) for s in segments})
+    palette = _colors(max(len(class_names), max(labels)) + 1)
+    seen: dict[int, int] = {}
+    colors = []
+    for s in segments:
+        label = int(s["category_id"])
+        colors.append(_shade(palette[label], seen.get(label, 0)) if s.get("isthing") else palette[label])
+        seen[label] = seen.get(label, 0) + 1
+    masks = torch.stack([seg_map == int(s["id"]) for s in segments])  # [S, H, W] bool
+    img = draw_segmentation_masks(img, masks, alpha=alpha, colors=colors)
+    things = [i for i, s in enumerate(segments) if s.get("isthing")]
+    if things:
+        _, width = _font(img.shape[1], img.shape[2])
+        inside = masks[things].float()[:, None]  # [T, 1, H, W]
+        # A pixel of a thing whose (2 * width + 1)-neighbourhood leaves the thing is on its outline.
+        eroded = -torch.nn.functional.max_pool2d(-inside, 2 * width + 1, stride=1, padding=width)
+        outline = ((inside > 0) & (eroded == 0))[:, 0].any(dim=0)  # [H, W]
+        img = img.clone()
+        img[:, outline] = 255
+        anchors, texts = [], []
+        for i in things:
+            ys, xs = torch.nonzero(masks[i], as_tuple=True)
+            anchors.append((float(xs.min()) + width, float(ys.min()) + width))
+            score = segments[i].get("score")
+            name = _label_name(int(segments[i]["category_id"]), class_names)
+            texts.append(name if score is None else f"{name} {float(score):.2f}")
+        img = _captions(img, anchors, texts, [colors[i] for i in things])
+    return _legend(img, [(_label_name(label, class_names), palette[label]) for label in labels])
+
+
+def _count_drawn(output: dict[str, Any], score_thresh: float) -> int:
+    if "panoptic_seg" in output:
+        return len(output["segments_info"])
     if "sem_seg" in output:
         return int((output["sem_seg"] != 0).any())
     return int((output["scores"] >= score_thresh).sum())
@@ -183,7 +246,7 @@ def save_dataset_visualizations(model: nn.Module, dataset, out_dir: str | os.Pat
     paths, drawn = [], 0
     for i in range(min(num_images, len(dataset))):
         image, target = dataset[i]
-        output = {k: v.cpu() for k, v in model([image.to(device)])[0].items()}
+        output = {k: _cpu(v) for k, v in model([image.to(device)])[0].items()}
         drawn += _count_drawn(output, score_thresh)
         picture = draw_predictions(image, output, class_names=class_names, score_thresh=score_thresh)
         path = out_dir / f"pred_{int(target.get('image_id', i)):06d}.png"
@@ -258,8 +321,26 @@ def _compact_masks(model: nn.Module) -> Iterator[bool]:
         transform.paste_masks = before
 
 
-def _result_entry(path: Path, output: dict[str, Tensor], class_names: Sequence[str], score_thresh: float,
+def _cpu(value: Any) -> Any:
+    return value.cpu() if isinstance(value, Tensor) else value
+
+
+def _result_entry(path: Path, output: dict[str, Any], class_names: Sequence[str], score_thresh: float,
                   label_to_cat_id: dict[int, int] | None = None) -> dict:
+    if "panoptic_seg" in output:
+        seg_map = output["panoptic_seg"]
+        segments = []
+        for s in output["segments_info"]:
+            label = int(s["category_id"])
+            entry = {"id": int(s["id"]), "label": label,
+                     "category_id": label_to_cat_id.get(label) if label_to_cat_id else label,
+                     "class": _label_name(label, class_names), "isthing": bool(s.get("isthing")),
+                     "area": int(s.get("area", int((seg_map == s["id"]).sum())))}
+            if s.get("score") is not None:
+                entry["score"] = round(float(s["score"]), 4)
+            entry["segmentation"] = mask_to_rle(seg_map == int(s["id"]))
+            segments.append(entry)
+        return {"file": str(path), "size": list(seg_map.shape), "segments": segments}
     if "sem_seg" in output:
         sem = output["sem_seg"]
         ids, counts = torch.unique(sem, return_counts=True)
@@ -292,7 +373,7 @@ def predict_files(model: nn.Module, files: Sequence[Path], out_dir: str | os.Pat
     H × W pixels never needs D × H × W floats (:mod:`resdet.engine.compact_masks`).
 
     Args:
-        class_names: detectors: foreground names (label k is ``class_names[k - 1]``); semantic models:
+        class_names: detectors and panoptic models: label k is ``class_names[k - 1]``; semantic models:
             one name per class id.
         label_to_cat_id: the model's label space (label → dataset category id); None: labels are the ids.
 
@@ -300,6 +381,8 @@ def predict_files(model: nn.Module, files: Sequence[Path], out_dir: str | os.Pat
         (one dict per image: ``file``, ``output`` (the drawing) and ``detections`` — ``box`` xyxy, ``label``,
         ``category_id``, ``class``, ``score`` and for masks ``segmentation`` as COCO RLE — of those scoring at
         least ``score_thresh``; for semantic models ``class_fractions`` instead, the share of pixels per class;
+        for panoptic models ``segments`` — ``id``, ``label``, ``category_id``, ``class``, ``isthing``, ``area``,
+        ``score`` (things) and ``segmentation`` RLE;
         the files that could not be decoded, each as ``"path: reason"``, skipped).
     """
     out_dir = Path(out_dir)
@@ -316,7 +399,7 @@ def predict_files(model: nn.Module, files: Sequence[Path], out_dir: str | os.Pat
                 continue
             image = torch.from_numpy(array).permute(2, 0, 1)  # HWC -> CHW uint8
             output = model([image_to_tensor(array).to(device)])[0]
-            output = {k: v.cpu() for k, v in output.items()}
+            output = {k: _cpu(v) for k, v in output.items()}
             if compact and "masks" in output:
                 from .compact_masks import masks_to_rles
 

@@ -74,8 +74,7 @@ def inference_on_dataset(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             elapsed += time.perf_counter() - start
-            outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()}
-                       for o in outputs]
+            outputs = [{k: _to_cpu(v) for k, v in o.items()} for o in outputs]
             evaluator.process(list(targets), outputs)
             seen += len(images)
     finally:
@@ -83,3 +82,10 @@ def inference_on_dataset(
     metrics = dict(evaluator.evaluate())
     metrics["time/inference_per_image"] = elapsed / max(1, seen)
     return metrics
+
+
+def _to_cpu(value: Any) -> Any:
+    """A tensor on the CPU (floating point as float32); anything else (e.g. ``segments_info``) as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.float().cpu() if value.is_floating_point() else value.cpu()

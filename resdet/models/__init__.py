@@ -2,11 +2,13 @@
 builds one from a config.
 
 ``faster_rcnn()`` / ``mask_rcnn()`` build detectors with torchvision's default settings, ``semantic_fpn()``
-a semantic FPN; each is registered under its ``model.arch`` name (``registry.py``), and
+a semantic FPN, ``panoptic_fpn()`` a Panoptic FPN; each is registered under its ``model.arch`` name (``registry.py``), and
 ``build_model(cfg)`` builds the one a config names. ``from_torchvision()`` turns a torchvision Faster /
 Mask R-CNN (model or checkpoint) into an equivalent resdet detector.
 """
 from .builders import faster_rcnn, mask_rcnn
+from .panoptic_fpn import PanopticFPN, combine_panoptic, panoptic_fpn
+from .panoptic_transform import PanopticTransform
 from .rcnn import GeneralizedRCNN
 from .registry import TASKS, arch_names, arch_options, arch_task, build_model, get_arch, register_arch
 from .semantic_fpn import SemanticFPN, SemSegTransform, semantic_fpn
@@ -17,6 +19,8 @@ from .validation import validate_inputs
 __all__ = [
     "DetectionTransform",
     "GeneralizedRCNN",
+    "PanopticFPN",
+    "PanopticTransform",
     "SemSegTransform",
     "SemanticFPN",
     "TASKS",
@@ -24,11 +28,13 @@ __all__ = [
     "arch_options",
     "arch_task",
     "build_model",
+    "combine_panoptic",
     "convert_torchvision_state_dict",
     "faster_rcnn",
     "from_torchvision",
     "get_arch",
     "mask_rcnn",
+    "panoptic_fpn",
     "register_arch",
     "semantic_fpn",
     "validate_inputs",
