@@ -26,7 +26,7 @@ packages, package_dir = _packages()
 setup(
     name="resdet",
     version="0.1.0",
-    description="ResNet-backbone detection and segmentation (Faster/Mask R-CNN, semantic FPN) for PyTorch",
+    description="ResNet-backbone detection and segmentation (Faster/Mask R-CNN, semantic and Panoptic FPN) for PyTorch",
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
@@ -45,6 +45,7 @@ setup(
         # Deployment (resdet.export, tools/export.py): ONNX files checked with onnxruntime.
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],
         # The test extra includes the export extra so CI runs tests/test_export.py.
-        "test": ["pytest>=7", "onnx>=1.15", "onnxruntime>=1.17"],
+        # cityscapesscripts: the reference PQ evaluation and panoptic converter the tests compare with.
+        "test": ["pytest>=7", "onnx>=1.15", "onnxruntime>=1.17", "cityscapesscripts>=2.2"],
     },
 )

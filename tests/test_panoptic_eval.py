@@ -147,10 +147,9 @@ def test_evaluator_instance_half_perfect_predictions():
     label = {1: 1, 3: 2, 8: 3, 92: 4, 118: 5, 200: 6}  # model labels: things first, then stuff
     things = [s for s in gs if CATS[s["category_id"]]["isthing"] and not s["iscrowd"]]
     masks = torch.stack([torch.from_numpy(gt == s["id"]) for s in things])[:, None].float()
-    ys, xs = np.nonzero(gt == things[0]["id"])
-    boxes = torch.tensor([[float((gt == s["id"]).nonzero()[1].min()), float((gt == s["id"]).nonzero()[0].min()),
-                           float((gt == s["id"]).nonzero()[1].max() + 1), float((gt == s["id"]).nonzero()[0].max() + 1)]
-                          for s in things])
+    from resdet.models.panoptic_transform import boxes_from_masks
+
+    boxes = boxes_from_masks(masks[:, 0].bool())
     output = {"panoptic_seg": torch.from_numpy(gt), "boxes": boxes, "masks": masks,
               "labels": torch.tensor([label[s["category_id"]] for s in things]), "scores": torch.ones(len(things)),
               "segments_info": [{"id": s["id"], "category_id": label[s["category_id"]]} for s in gs]}
