@@ -58,7 +58,7 @@ class LastLevelP6P7(nn.Module):
         return [p6, self.p7(F.relu(p6))]
 
 
-def _conv_norm(cin: int, cout: int, kernel_size: int, norm: Optional[str]) -> nn.Sequential:
+def _fpn_conv_block(cin: int, cout: int, kernel_size: int, norm: Optional[str]) -> nn.Sequential:
     conv = Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=norm is None)
     nn.init.kaiming_uniform_(conv.weight, a=1)
     if conv.bias is not None:
@@ -107,8 +107,8 @@ class FPN(nn.Module):
             raise ValueError(f"out_channels must be positive, got {out_channels}")
         self.in_features = names
         self.out_channels = out_channels
-        self.inner_blocks = nn.ModuleList([_conv_norm(in_shapes[k].channels, out_channels, 1, norm) for k in names])
-        self.layer_blocks = nn.ModuleList([_conv_norm(out_channels, out_channels, 3, norm) for _ in names])
+        self.inner_blocks = nn.ModuleList([_fpn_conv_block(in_shapes[k].channels, out_channels, 1, norm) for k in names])
+        self.layer_blocks = nn.ModuleList([_fpn_conv_block(out_channels, out_channels, 3, norm) for _ in names])
         top = in_shapes[names[-1]]
         self.extra_blocks = None
         if top_block == "maxpool":

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from resdet.layers.conv import Conv2d
-from resdet.layers.norm import NORMS, conv_norm, get_norm, is_norm
+from resdet.layers.norm import NORMS, conv_norm_forward, get_norm, is_norm
 from resdet.layers.shape_spec import ShapeSpec
 
 __all__ = [
@@ -80,7 +80,7 @@ class _ResidualBlock(nn.Module):
         if ds is None:
             return x
         if not torch.jit.is_scripting() and isinstance(ds, nn.Sequential) and len(ds) == 2:
-            return conv_norm(ds[0], ds[1], x)  # (conv 1x1, norm): folds a frozen norm
+            return conv_norm_forward(ds[0], ds[1], x)  # (conv 1x1, norm): folds a frozen norm
         return ds(x)
 
     def _inner(self, x: Tensor) -> Tensor:
@@ -127,11 +127,11 @@ class BasicBlock(_ResidualBlock):
 
     def _inner(self, x: Tensor) -> Tensor:
         identity = self._shortcut(x)
-        if torch.jit.is_scripting():  # TorchScript cannot pass modules to conv_norm
+        if torch.jit.is_scripting():  # TorchScript cannot pass modules to conv_norm_forward
             out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
         else:
-            out = self.relu(conv_norm(self.conv1, self.bn1, x))
-            out = conv_norm(self.conv2, self.bn2, out)
+            out = self.relu(conv_norm_forward(self.conv1, self.bn1, x))
+            out = conv_norm_forward(self.conv2, self.bn2, out)
         out += identity  # in place: no backward of the conv / norm before it reads its output
         return self.relu(out)
 
@@ -172,13 +172,13 @@ class Bottleneck(_ResidualBlock):
 
     def _inner(self, x: Tensor) -> Tensor:
         identity = self._shortcut(x)
-        if torch.jit.is_scripting():  # TorchScript cannot pass modules to conv_norm
+        if torch.jit.is_scripting():  # TorchScript cannot pass modules to conv_norm_forward
             out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
             out = self.bn3(self.conv3(out))
         else:
-            out = self.relu(conv_norm(self.conv1, self.bn1, x))
-            out = self.relu(conv_norm(self.conv2, self.bn2, out))
-            out = conv_norm(self.conv3, self.bn3, out)
+            out = self.relu(conv_norm_forward(self.conv1, self.bn1, x))
+            out = self.relu(conv_norm_forward(self.conv2, self.bn2, out))
+            out = conv_norm_forward(self.conv3, self.bn3, out)
         out += identity  # in place: no backward of the conv / norm before it reads its output
         return self.relu(out)
 
@@ -347,9 +347,9 @@ class ResNet(nn.Module):
     # ---------------------------------------------------------------------------------------- forward
     def forward_stem(self, x: Tensor) -> Tensor:
         """conv1 → norm → ReLU → 3×3 max pool (stride 4 overall)."""
-        if torch.jit.is_scripting():  # TorchScript cannot pass modules to conv_norm
+        if torch.jit.is_scripting():  # TorchScript cannot pass modules to conv_norm_forward
             return self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        return self.maxpool(self.act1(conv_norm(self.conv1, self.bn1, x)))
+        return self.maxpool(self.act1(conv_norm_forward(self.conv1, self.bn1, x)))
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Run the trunk.

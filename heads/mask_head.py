@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from resdet.layers.conv import eager_mode
-
 from resdet.layers.blocks import NormSpec, conv_norm_act, init_convs_msra
 
 __all__ = ["MaskHead", "MaskPredictor", "mask_loss", "mask_probs"]
@@ -93,26 +91,27 @@ class MaskPredictor(nn.Sequential):
 
         Equals ``self(x)[arange(R), classes]`` (up to summation order) but evaluates the 1×1 logits
         convolution for that class only: K times fewer products there, and the same gradients (the
-        other classes' logits take no part in the loss).
+        other classes' logits take no part in the loss). The 2×2 stride-2 deconvolution runs as one
+        matrix product (:meth:`_class_logits_matmul`, on every device and in exported graphs); a
+        predictor given another deconvolution runs it as ``ConvTranspose2d``.
         """
         conv = self.mask_fcn_logits
         weight = conv.weight[classes, :, 0, 0]  # [R, D]
         bias = conv.bias[classes]  # [R]
         deconv = self.conv5_mask
-        if eager_mode() and x.device.type == "cpu" and deconv.kernel_size == deconv.stride == (2, 2) \
-                and deconv.padding == (0, 0) and deconv.output_padding == (0, 0) and deconv.groups == 1:
+        if deconv.kernel_size == deconv.stride == (2, 2) and deconv.padding == (0, 0) \
+                and deconv.output_padding == (0, 0) and deconv.groups == 1 and deconv.dilation == (1, 1):
             return self._class_logits_matmul(x, weight, bias)
         x = self.relu(deconv(x))  # [R, D, M, M]
         # Per RoI r: sum over D of weight[r, d] * x[r, d, :, :].
         return torch.einsum("rdhw,rd->rhw", x, weight) + bias[:, None, None]
 
     def _class_logits_matmul(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        """:meth:`class_logits` with the 2×2 stride-2 deconv as one matrix product (CPU).
+        """:meth:`class_logits` with the 2×2 stride-2 deconv as one matrix product.
 
         Such a deconv gives every input pixel its own 2×2 output block, ``y[r, :, 2i+a, 2j+b] =
         W[:, :, a, b]^T x[r, :, i, j] + b``: a [R*S*S, C] × [C, 4*D] product over all RoIs at once, with
-        no overlap to sum. On 100 RoIs of 256×14×14 (2 CPU threads) this path took ~100–110 ms against
-        ~155–165 ms for ConvTranspose2d + ReLU + einsum.
+        no overlap to sum (CPU kernels for transposed convolutions are slow; README, Measured).
         """
         r, c, s, _ = x.shape
         deconv = self.conv5_mask

@@ -10,22 +10,19 @@ Level mapping is eq. 1 of the FPN paper, ``k = floor(k0 + log2(sqrt(area) / 224)
 pooled levels, and each level's scale is inferred as ``2 ** round(log2(feature_h / image_h))`` from the
 largest unpadded image size, as torchvision's ``MultiScaleRoIAlign``.
 
-On CPU (outside scripting, tracing, ONNX export and ``torch.compile``) all levels are pooled by
-:func:`resdet.layers.roi_align.multi_level_roi_align`, one sparse product for every level, forward
-and backward, several times faster than torchvision's per-level ``roi_align`` loop; elsewhere (CUDA,
-exports) by torchvision's op. ``impl`` forces either.
+Pooling is :func:`resdet.layers.roi_align.multi_level_roi_align`: on CPU all levels through one sparse
+product (the registered ``resdet::roi_align`` ops), forward and backward, several times faster than
+torchvision's per-level ``roi_align`` loop, which runs elsewhere (CUDA, scripting, tracing, ONNX export,
+``resdet.fast_paths(False)``); :mod:`resdet.layers.policy` decides per call, ``impl`` forces either.
 """
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_area, roi_align
+from torchvision.ops import box_area
 
-from resdet.layers.conv import eager_mode
-from resdet.layers.tracing import is_tracing
-
-from resdet.layers.roi_align import multi_level_roi_align, pixel_table
+from resdet.layers.roi_align import multi_level_roi_align
 
 __all__ = ["MultiScaleRoIAlign", "map_levels"]
 
@@ -51,7 +48,7 @@ def map_levels(
 def _infer_scale(feature: Tensor, image_size: tuple[int, int]) -> float:
     """Power-of-two scale from input pixels to this feature map, from the heights."""
     approx = float(feature.shape[-2]) / float(image_size[0])
-    return 2.0 ** float(torch.tensor(approx).log2().round())
+    return 2.0 ** round(math.log2(approx))
 
 
 _IMPLS = ("auto", "sparse", "torchvision")
@@ -67,9 +64,9 @@ class MultiScaleRoIAlign(nn.Module):
         aligned: RoIAlign half-pixel alignment (torchvision's detectors: False).
         canonical_scale: see :func:`map_levels`.
         canonical_level: see :func:`map_levels`.
-        impl: ``"auto"`` (the sparse op for CPU features in eager mode, torchvision's otherwise),
-            ``"sparse"`` (the sparse op on any device in eager mode, float32/bfloat16/float16) or ``"torchvision"`` (always
-            torchvision's ``roi_align``, one call per level).
+        impl: ``"auto"`` (the sparse op for CPU features where :mod:`resdet.layers.policy` allows,
+            torchvision's otherwise), ``"sparse"`` (the sparse op on any device, float32/bfloat16/float16, where
+            the policy allows) or ``"torchvision"`` (always torchvision's ``roi_align``, one call per level).
     """
 
     def __init__(
@@ -95,15 +92,6 @@ class MultiScaleRoIAlign(nn.Module):
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
         self.impl = impl
-
-    def _use_sparse(self, levels_x: list[Tensor]) -> bool:
-        if self.impl == "torchvision" or not eager_mode():
-            return False
-        if self.impl == "auto" and any(x.device.type != "cpu" for x in levels_x):
-            return False
-        if any(x.dtype not in (torch.float32, torch.bfloat16, torch.float16) for x in levels_x):
-            return False
-        return len({x.shape[1] for x in levels_x}) == 1
 
     def forward(
         self,
@@ -139,36 +127,11 @@ class MultiScaleRoIAlign(nn.Module):
         image_ids = torch.cat([torch.full_like(b[:, :1], i, dtype=all_boxes.dtype) for i, b in enumerate(boxes)])
         rois = torch.cat([image_ids, all_boxes], dim=1)
 
-        if self._use_sparse(levels_x):
-            if len(levels_x) == 1:
-                level = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
-            else:
-                level = map_levels(all_boxes, int(-math.log2(scales[0])), int(-math.log2(scales[-1])),
-                                   self.canonical_scale, self.canonical_level)
-            table = None
-            if tables is not None:
-                key = tuple(k for k in features if k in self.featmap_names)
-                table = tables.get(key)
-                if table is None:
-                    table = tables[key] = pixel_table(levels_x)
-            # Tensor[R, C, Sh, Sw] with channels-last strides.
-            return multi_level_roi_align(levels_x, rois, level, scales, self.output_size, self.sampling_ratio,
-                                         self.aligned, table=table)
-
-        def pool(x: Tensor, r: Tensor, scale: float) -> Tensor:
-            return roi_align(x, r, self.output_size, spatial_scale=scale, sampling_ratio=self.sampling_ratio,
-                             aligned=self.aligned)
-
         if len(levels_x) == 1:
-            return pool(levels_x[0], rois, scales[0])
-        k_min = int(-math.log2(scales[0]))
-        k_max = int(-math.log2(scales[-1]))
-        levels = map_levels(all_boxes, k_min, k_max, self.canonical_scale, self.canonical_level)
-        x0 = levels_x[0]
-        result = x0.new_zeros((rois.shape[0], x0.shape[1]) + self.output_size)
-        for level, (x, scale) in enumerate(zip(levels_x, scales)):
-            idx = torch.where(levels == level)[0]
-            if is_tracing() or idx.numel() > 0:  # a trace keeps every level: its counts are the example's
-                # index_put_, not result[idx] = ...: a trace of that freezes a level holding one RoI.
-                result.index_put_((idx,), pool(x, rois[idx], scale).to(result.dtype))
-        return result
+            level = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+        else:
+            level = map_levels(all_boxes, int(-math.log2(scales[0])), int(-math.log2(scales[-1])),
+                               self.canonical_scale, self.canonical_level)
+        key = tuple(k for k in features if k in self.featmap_names)
+        return multi_level_roi_align(levels_x, rois, level, scales, self.output_size, self.sampling_ratio,
+                                     self.aligned, impl=self.impl, tables=tables, key=key)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
-from resdet.layers.conv import Conv2d, eager_mode
+from resdet.layers.conv import Conv2d
 from resdet.layers.tracing import at_most
 
 from .anchors import AnchorGenerator
@@ -66,34 +66,34 @@ class RPNHead(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """Per level ``(Tensor[N, A, Hl, Wl] logits, Tensor[N, A * 4, Hl, Wl] deltas)``, as two lists."""
+        """Per level ``(Tensor[N, A, Hl, Wl] logits, Tensor[N, A * 4, Hl, Wl] deltas)``, as two lists.
+
+        Both 1×1 predictors run as one matrix product over the pixels of each level (the same result as
+        the two convolutions up to summation order, on every device and in exported graphs): CPU
+        convolution kernels are slow for 3 or 12 output channels.
+        """
+        a = self.cls_logits.out_channels
+        # Both predictors as one [5A, C] weight and [5A] bias.
+        weight = torch.cat([self.cls_logits.weight, self.bbox_pred.weight]).flatten(1)
+        bias = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])
         logits, deltas = [], []
-        matmul = eager_mode() and all(f.device.type == "cpu" for f in features)
-        if matmul:
-            # Both predictors as one [5A, C] weight and [5A] bias.
-            weight = torch.cat([self.cls_logits.weight, self.bbox_pred.weight]).flatten(1)
-            bias = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])
         for feature in features:
-            t = self.conv(feature)
-            if matmul and t.is_contiguous():
-                logit, delta = self._predict_matmul(t, weight, bias)
-            else:
-                logit, delta = self.cls_logits(t), self.bbox_pred(t)
-            logits.append(logit)
-            deltas.append(delta)
+            y = _pointwise(self.conv(feature), weight, bias)  # [N, 5A, Hl, Wl]
+            logits.append(y[:, :a])
+            deltas.append(y[:, a:])
         return logits, deltas
 
-    def _predict_matmul(self, t: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
-        """Both 1×1 predictors as one matrix product over NCHW pixels (same result as the two convs).
 
-        CPU convolution kernels are slow for 3 or 12 output channels (forward and backward took ~140 ms
-        on a 2×256×128×176 level in training); a [5A, C] × [C, H*W] product per image reads the level once.
-        """
-        n, c, h, w = t.shape
-        a = self.cls_logits.out_channels
-        # Per image [5A, C] @ [C, H*W] -> [5A, H*W], + bias per output channel; stacked: [N, 5A, H, W].
-        y = torch.stack([torch.addmm(bias[:, None], weight, t[i].view(c, h * w)) for i in range(n)]).view(n, -1, h, w)
-        return y[:, :a], y[:, a:]
+def _pointwise(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """A 1×1 convolution [N, C, H, W] -> [N, O, H, W] (``weight`` [O, C], ``bias`` [O]) as a matrix product,
+    in the layout ``t`` has: [O, C] × [C, H*W] per image (NCHW), or [N*H*W, C] × [C, O] (channels-last)."""
+    n, c, h, w = t.shape
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        # Channels-last [N, C, H, W] is [N*H*W, C] in memory; the result [N*H*W, O] viewed back channels-last.
+        y = torch.addmm(bias, t.permute(0, 2, 3, 1).reshape(n * h * w, c), weight.t())
+        return y.view(n, h, w, -1).permute(0, 3, 1, 2)
+    # [O, C] @ [N, C, H*W] + [O, 1] -> [N, O, H*W] -> [N, O, H, W]
+    return torch.baddbmm(bias[None, :, None], weight.expand(n, -1, -1), t.reshape(n, c, h * w)).view(n, -1, h, w)
 
 
 def _flatten_levels(per_level: list[Tensor], channels: int) -> Tensor:

@@ -137,9 +137,9 @@ def count_flops(fn: Callable[[], object]) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from resdet.layers.conv import use_winograd
+    from resdet.layers.policy import fast_paths
 
-    with FlopCounterMode(display=False) as counter, use_winograd(False):
+    with FlopCounterMode(display=False) as counter, fast_paths(False, "winograd"):
         fn()
     return counter.get_total_flops()
 

@@ -1,4 +1,4 @@
-"""Frozen BatchNorm folded into its convolution on the fly (``conv_norm``) equals the separate modules."""
+"""Frozen BatchNorm folded into its convolution on the fly (``conv_norm_forward``) equals the separate modules."""
 import copy
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from resdet.backbones import resnet18, resnet50
-from resdet.layers.norm import FrozenBatchNorm2d, conv_norm
+from resdet.layers.norm import FrozenBatchNorm2d, conv_norm_forward
 
 
 def _spread(model: nn.Module) -> nn.Module:
@@ -26,7 +26,7 @@ def test_conv_norm_equals_modules_with_gradients():
     (ref * torch.arange(ref.numel()).reshape(ref.shape).sin()).sum().backward()
     grads = (x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone())
     x.grad = conv.weight.grad = conv.bias.grad = None
-    out = conv_norm(conv, bn, x)
+    out = conv_norm_forward(conv, bn, x)
     (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for a, b in zip((x.grad, conv.weight.grad, conv.bias.grad), grads):
@@ -49,7 +49,7 @@ def test_resnet_frozen_bn_folded_in_train_and_eval(build, monkeypatch):
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     plain = copy.deepcopy(model)
     plain.zero_grad(set_to_none=True)
-    # Without folding: conv_norm falls back to norm(conv(x)) for modules it does not recognise.
+    # Without folding: conv_norm_forward falls back to norm(conv(x)) for modules it does not recognise.
     monkeypatch.setattr("resdet.layers.norm.FrozenBatchNorm2d", type("Other", (), {}))
     ref = plain(x)
     sum(v.sum() for v in ref.values()).backward()

@@ -75,3 +75,21 @@ def test_class_logits_equal_full_predictor_and_gradients():
     torch.testing.assert_close(ours, full, rtol=1e-5, atol=1e-5)
     for p, g in zip(predictor.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_class_logits_of_another_deconvolution_run_it_as_convtranspose():
+    """A predictor given a deconvolution the matrix-product form does not cover (4×4, stride 2, padding 1)
+    computes class logits by ``ConvTranspose2d`` + ReLU + einsum: the same numbers as the full predictor."""
+    predictor = MaskPredictor(16, 8, 5)
+    predictor.conv5_mask = torch.nn.ConvTranspose2d(16, 8, 4, 2, 1)
+    x = torch.randn(6, 16, 14, 14)
+    classes = torch.tensor([0, 4, 2, 2, 1, 3])
+    einsum = torch.einsum
+    used = []
+    torch.einsum = lambda *args: used.append(args[0]) or einsum(*args)
+    try:
+        ours = predictor.class_logits(x, classes)
+    finally:
+        torch.einsum = einsum
+    assert used == ["rdhw,rd->rhw"] and ours.shape == (6, 28, 28)
+    torch.testing.assert_close(ours, predictor(x)[torch.arange(6), classes], rtol=1e-5, atol=1e-5)

@@ -100,3 +100,20 @@ def test_rpn_needs_targets_in_training():
     ours, _ = build()
     with pytest.raises(ValueError, match="needs targets"):
         ours(torch.zeros(2, 3, *PADDED), SIZES, features())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rpn_head_predictors_equal_the_two_convolutions(channels_last):
+    """RPNHead runs cls_logits and bbox_pred as one matrix product in either memory layout."""
+    head = RPNHead(C, 3)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_()
+    feats = list(features().values())
+    if channels_last:
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    logits, deltas = head(feats)
+    for f, logit, delta in zip(feats, logits, deltas):
+        t = head.conv(f)
+        torch.testing.assert_close(logit, head.cls_logits(t), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(delta, head.bbox_pred(t), rtol=1e-5, atol=1e-5)

@@ -118,6 +118,24 @@ def test_optimize_for_inference_equals_unfused(backbone):
             torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=1e-4)
 
 
+def test_optimize_for_inference_twice_is_once():
+    model = _model("mask", "resnet18", norm="frozen_bn").eval()
+    images, _ = _data()
+    model.optimize_for_inference(channels_last=True)
+    with torch.no_grad():
+        once = model(images)
+    model.optimize_for_inference(channels_last=True)
+    head = model.roi_heads.mask_head
+    assert len(head._forward_pre_hooks) == 1  # no duplicate hook
+    with torch.no_grad():
+        twice = model(images)
+    for a, b in zip(once, twice):
+        for k in a:
+            assert torch.equal(a[k], b[k])
+    model.optimize_for_inference(channels_last=False)  # and back: the hooks go
+    assert not head._forward_pre_hooks and model.transform.channels_last is False
+
+
 def _bad(index, **changes):
     images, targets = _data()
     for key, value in changes.items():

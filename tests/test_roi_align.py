@@ -6,8 +6,17 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign as TVMultiScaleRoIAlign
 from torchvision.ops import roi_align as tv_roi_align
 
+from helpers import resdet_ops
+from resdet import fast_paths
 from resdet.heads import MultiScaleRoIAlign
 from resdet.layers.roi_align import multi_level_roi_align, roi_align
+
+
+@pytest.fixture(autouse=True)
+def _sparse_kernel_on():
+    """These tests are about the sparse kernel: on even where the environment turns fast paths off."""
+    with fast_paths(True):
+        yield
 
 
 def _rois(n: int, image_size: float, num_images: int = 2, min_size: float = 2.0, max_size: float = 60.0) -> torch.Tensor:
@@ -22,7 +31,9 @@ def _compare(x: torch.Tensor, rois: torch.Tensor, out, scale, sr, aligned, atol=
     ours_x = x.detach().clone().requires_grad_()
     ref_x = x.detach().clone().requires_grad_()
     rois = rois.to(x.dtype)  # torchvision wants both in one dtype
-    ours = roi_align(ours_x, rois, out, scale, sr, aligned)
+    with resdet_ops() as calls:
+        ours = roi_align(ours_x, rois, out, scale, sr, aligned)
+    assert calls["roi_align"] == 1
     ref = tv_roi_align(ref_x, rois, out, scale, sr, aligned)
     assert ours.shape == ref.shape and ours.dtype == ref.dtype
     torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
@@ -124,10 +135,11 @@ def test_multiscale_pooler_equals_torchvision(output_size):
     sizes = [(256, 180), (240, 192)]
     boxes = [_rois(30, 180, 1, 4, 200)[:, 1:], _rois(20, 190, 1, 4, 250)[:, 1:]]
     ours = MultiScaleRoIAlign(output_size=output_size, sampling_ratio=2)
-    assert ours._use_sparse(list(feats.values()))
-    out = ours(feats, boxes, sizes)
-    g = torch.randn_like(out)
-    out.backward(g)
+    with fast_paths(True), resdet_ops() as calls:
+        out = ours(feats, boxes, sizes)
+        g = torch.randn_like(out)
+        out.backward(g)
+    assert calls == {"roi_align_table": 1, "roi_align": 1, "roi_align_backward": 1}  # all levels in one map
     grads = [x.grad.clone() for x in feats.values()]
     for x in feats.values():
         x.grad = None
@@ -143,9 +155,12 @@ def test_pooler_impl_switch():
     feats = {"p2": torch.randn(1, 2, 8, 8)}
     boxes = [torch.tensor([[1.0, 1.0, 20.0, 20.0]])]
     tv = MultiScaleRoIAlign(("p2",), impl="torchvision")
-    assert not tv._use_sparse([feats["p2"]])
-    assert torch.equal(tv(feats, boxes, [(32, 32)]), tv_roi_align(feats["p2"], [boxes[0]], 7, 0.25, 2))
-    torch.testing.assert_close(MultiScaleRoIAlign(("p2",))(feats, boxes, [(32, 32)]), tv(feats, boxes, [(32, 32)]))
+    with fast_paths(True), resdet_ops() as calls:
+        assert torch.equal(tv(feats, boxes, [(32, 32)]), tv_roi_align(feats["p2"], [boxes[0]], 7, 0.25, 2))
+    assert not calls
+    with fast_paths(True):
+        ours = MultiScaleRoIAlign(("p2",))(feats, boxes, [(32, 32)])
+    torch.testing.assert_close(ours, tv(feats, boxes, [(32, 32)]))
     with pytest.raises(ValueError, match="impl"):
         MultiScaleRoIAlign(impl="fast")
 
@@ -156,3 +171,64 @@ def test_bench_multiscale_roi_align_small():
     row = bench_multiscale_roi_align(num_rois=12, batch=2, image_size=(64, 96), channels=4, iters=1, warmup=0)
     assert row.resdet > 0 and row.torchvision > 0 and row.unit == "ms"
     assert row.extra["max_abs_out"] < 1e-4 and row.extra["max_abs_grad"] < 1e-4
+
+
+def test_samples_outside_the_map_read_no_pixel():
+    """A sample outside the map contributes 0 without reading a pixel (torchvision's rule), so an inf or NaN
+    feature where such a sample's zero-weight taps would point cannot leak into the output as 0 * inf."""
+    x = torch.randn(2, 3, 8, 9)
+    x[:, :, 0, :] = float("inf")  # the row taps of samples above the map would point at
+    x[:, :, :, 0] = float("nan")  # the column taps of samples left of it
+    rois = torch.tensor([[1, 2.0, -20.0, 7.0, 5.0], [0, -20.0, 2.0, 5.0, 7.0], [1, 1.5, 1.5, 12.0, 13.0]])
+    for sr in (2, 0):
+        out = roi_align(x, rois, 4, 1.0, sr)
+        clean = x.clone()
+        clean[:, :, 0, :] = 0
+        clean[:, :, :, 0] = 0
+        ref = tv_roi_align(clean, rois, 4, 1.0, sr)
+        # Bins whose samples all lie in rows and columns >= 1 are finite and equal torchvision's; the
+        # others read a non-finite pixel with a positive weight, as torchvision's do.
+        finite = torch.isfinite(tv_roi_align(x, rois, 4, 1.0, sr)) | torch.isfinite(out)
+        assert torch.isfinite(out[0, :, :2]).all() and torch.isfinite(out[1, :, :, :2]).all()
+        torch.testing.assert_close(out[finite], ref[finite], rtol=0, atol=1e-5)
+
+
+def test_large_roi_with_adaptive_sampling_keeps_memory_bounded(monkeypatch):
+    """One 1000×1000-pixel RoI at scale 1 samples ~143² points per bin of a 7×7 output: ~4M (pixel, weight)
+    pairs. The map is built and used in pieces of at most ``_CHUNK_PAIRS`` pairs (or one bin), forward and
+    backward, and the result is torchvision's."""
+    import resdet.layers.roi_align as roi_mod
+
+    monkeypatch.setattr(roi_mod, "_CHUNK_PAIRS", 1 << 18)
+    monkeypatch.setattr(roi_mod, "_KEEP_PAIRS", 1 << 20)  # this map is larger: not kept for the backward pass
+    monkeypatch.setattr(roi_mod, "_BACKWARD_CHUNK_BYTES", 1 << 20)
+    pieces = []
+    real = roi_mod._adaptive_map
+
+    def spy(*args):
+        piece = real(*args)
+        pieces.append(piece[0].numel())
+        return piece
+
+    monkeypatch.setattr(roi_mod, "_adaptive_map", spy)
+    x = torch.randn(1, 1, 1010, 1010, requires_grad=True)
+    rois = torch.tensor([[0, 3.0, 4.0, 1003.0, 1004.0]])
+    out = roi_align(x, rois, 7, 1.0, -1)
+    bag = 4 * 143 * 143
+    assert sum(pieces) == 49 * bag and max(pieces) <= (1 << 18) + bag  # ~4M pairs, in pieces
+    pieces.clear()
+    out.backward(torch.ones_like(out))
+    assert sum(pieces) == 49 * bag and max(pieces) <= (1 << 18) + bag  # rebuilt piece by piece
+    ref_x = x.detach().clone().requires_grad_()
+    ref = tv_roi_align(ref_x, rois, 7, 1.0, -1)
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=1e-6)
+
+
+def test_fast_paths_off_is_torchvision_exactly():
+    x = torch.randn(2, 3, 12, 10)
+    rois = _rois(20, 48.0, max_size=30.0)
+    with fast_paths(False), resdet_ops() as calls:
+        out = roi_align(x, rois, 5, 0.25, 2)
+    assert not calls and torch.equal(out, tv_roi_align(x, rois, 5, 0.25, 2))

@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-winograd", action="store_true",
-                   help="resdet without its NNPACK/Winograd 3x3 convolutions (resdet.layers.conv.set_winograd)")
+                   help="resdet without its NNPACK/Winograd 3x3 convolutions (resdet.fast_paths(False, 'winograd'))")
+    p.add_argument("--no-fast-paths", action="store_true",
+                   help="resdet without any of its fast kernels (resdet.fast_paths(False))")
     p.add_argument("--onnx", action="store_true",
                    help="also time the ONNX export in onnxruntime against resdet and torchvision in PyTorch")
     p.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # internal: the memory child's output
@@ -94,16 +96,24 @@ def _memory_rows_in_child(argv: list[str]) -> list:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    import contextlib
+
+    import resdet
+
+    switch = contextlib.nullcontext()
+    if args.no_fast_paths or args.no_winograd:
+        switch = resdet.fast_paths(False, *(() if args.no_fast_paths else ("winograd",)))
+    with switch:
+        _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> None:
     import torch
 
     from resdet import benchmark
 
     if args.threads:
         torch.set_num_threads(args.threads)  # before the first NNPACK call, which sizes its thread pool
-    if args.no_winograd:
-        from resdet.layers.conv import set_winograd
-
-        set_winograd(False)
     child = args.rows_json is not None
     measure = tuple(args.measure)
     memory_rows = []
@@ -112,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         measure = tuple(m for m in measure if m != "memory")
     if not child:
         print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, amp {args.amp}, "
-              f"winograd {not args.no_winograd}")
+              f"winograd {not (args.no_winograd or args.no_fast_paths)}, fast paths {not args.no_fast_paths}")
     gemm = None if child else benchmark.gemm_gflops(torch.device(args.device))
     rows = []
     for arch in args.arch:

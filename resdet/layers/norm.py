@@ -4,9 +4,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .conv import PLAIN_CONVS, conv2d
+from .conv import PLAIN_CONVS, conv_with_weights
 
-__all__ = ["NORMS", "FrozenBatchNorm2d", "conv_norm", "get_norm", "is_norm"]
+__all__ = ["NORMS", "FrozenBatchNorm2d", "conv_norm_forward", "get_norm", "is_norm"]
+
+
+def __getattr__(name: str):
+    if name == "conv_norm":
+        raise ImportError("resdet.layers.norm.conv_norm was renamed conv_norm_forward")
+    raise AttributeError(f"module 'resdet.layers.norm' has no attribute {name!r}")
 
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
 
@@ -74,22 +80,22 @@ class FrozenBatchNorm2d(nn.Module):
         return module
 
 
-def conv_norm(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
-    """``norm(conv(x))``, with a frozen BatchNorm folded into the convolution on CPU.
+def conv_norm_forward(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))``, with a frozen BatchNorm folded into the convolution.
 
     A :class:`FrozenBatchNorm2d` after an ``nn.Conv2d`` is an affine map per output channel, so
     ``conv(x; W, b) * s + t == conv(x; W * s, b * s + t)``: the convolution runs once with scaled weights
-    (a pass over the weights, not over the much larger activations), in training as in eval. Gradients
-    reach ``conv.weight`` through the scaling, so trainable convolutions train as before; parameters and
-    state dict stay those of the separate modules (torchvision's names). CUDA keeps the separate ops
-    (unmeasured there).
+    (a pass over the weights, not over the much larger activations), in training as in eval, on every
+    device, and traced or exported models record the same two steps. Gradients reach ``conv.weight``
+    through the scaling, so trainable convolutions train as before; parameters and state dict stay those
+    of the separate modules (torchvision's names). Other pairs run as ``norm(conv(x))``.
     """
-    if type(norm) is FrozenBatchNorm2d and type(conv) in PLAIN_CONVS and x.device.type == "cpu":
+    if type(norm) is FrozenBatchNorm2d and type(conv) in PLAIN_CONVS and conv.padding_mode == "zeros":
         scale, shift = norm.scale_shift()
         # [O] -> [O, 1, 1, 1] scales every output filter.
         weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
         bias = shift if conv.bias is None else conv.bias * scale + shift
-        return conv2d(conv, x, weight, bias.to(conv.weight.dtype))
+        return conv_with_weights(conv, x, weight, bias.to(conv.weight.dtype))
     return norm(conv(x))
 
 

@@ -100,31 +100,41 @@ class GeneralizedRCNN(nn.Module):
           box head) run in channels-last memory format, and 1×1 stride-1 backbone convolutions run as
           one matrix product over pixels (``PointwiseConv2d``); on CUDA, FPN outputs are handed to
           torchvision's RoIAlign in NCHW once per level (on CPU they stay channels-last).
-          ``None`` (default): channels-last unless the model is on CPU with resdet's Winograd
-          convolutions on (``resdet.layers.conv``), which read NCHW; there the conversions cost more
-          than channels-last saves (measured 1–2 % slower at 800×1066).
+          ``None`` (default): channels-last unless the model is on CPU where resdet's Winograd
+          convolutions can run (:func:`resdet.layers.policy.winograd_possible`), which read NCHW; there
+          the conversions cost more than channels-last saves (README, Measured).
 
-        Puts the model in eval mode and returns it. The result is for inference only: BatchNorm
+        Puts the model in eval mode and returns it. Calling it again is harmless (the second call
+        changes nothing, or only the memory format). The result is for inference only: BatchNorm
         entries leave the state dict and training would not update BatchNorm statistics. Call it
         after loading weights.
         """
-        from resdet.layers.conv import winograd_enabled
         from resdet.layers.fuse import fuse_bn, pointwise_convs_as_matmul
+        from resdet.layers.policy import winograd_possible
 
         self.eval()
         fuse_bn(self)
         if channels_last is None:
-            on_cpu = all(p.device.type == "cpu" for p in self.parameters())
-            channels_last = not (on_cpu and winograd_enabled())
+            devices = {p.device for p in self.parameters()}
+            channels_last = not (len(devices) == 1 and winograd_possible(devices.pop()))
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
+            self.backbone.to(memory_format=memory_format)
             pointwise_convs_as_matmul(self.backbone)
-            for name in ("box_head", "mask_head", "mask_predictor"):
-                head = getattr(self.roi_heads, name, None)
-                if head is not None and any(isinstance(m, nn.Conv2d) for m in head.modules()):
-                    head.to(memory_format=torch.channels_last)
-                    if name != "mask_predictor":  # its input is the mask head's channels-last output
-                        head.register_forward_pre_hook(_to_channels_last)
+        for name in ("box_head", "mask_head", "mask_predictor"):
+            head = getattr(self.roi_heads, name, None)
+            if head is None or not any(isinstance(m, nn.Conv2d) for m in head.modules()):
+                continue
+            if channels_last:
+                head.to(memory_format=memory_format)
+            if name == "mask_predictor":  # its input is the mask head's output, already in that format
+                continue
+            handle = getattr(head, "_channels_last_hook", None)
+            if handle is not None:  # a previous call's hook: replaced, never doubled
+                handle.remove()
+                del head._channels_last_hook
+            if channels_last:
+                head._channels_last_hook = head.register_forward_pre_hook(_to_channels_last)
         self.transform.channels_last = channels_last
         return self
 
