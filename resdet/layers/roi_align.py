@@ -148,9 +148,9 @@ def _geometry(
                      level_start[-1])
 
 
-def _fixed_map(geo: _Geometry, out_size: tuple[int, int], grid: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(index, weight, offsets) of RoIs that all sample grid x grid points per bin: Tensor[B * L] pairs in
-    bags of L = 4 * grid**2."""
+def _fixed_map(geo: _Geometry, out_size: tuple[int, int], grid: int) -> tuple[Tensor, Tensor, None]:
+    """(index, weight, None) of RoIs that all sample grid x grid points per bin: Tensor[B, L] each, one bag of
+    L = 4 * grid**2 pairs per bin."""
     sh, sw = out_size
     dev = geo.start_h.device
     g = torch.tensor(float(grid), device=dev)
@@ -168,15 +168,18 @@ def _fixed_map(geo: _Geometry, out_size: tuple[int, int], grid: int) -> tuple[Te
     wy = torch.stack([wy0, wy1], dim=-1) / float(max(grid * grid, 1))
     cols = torch.stack([x0, x1], dim=-1)  # [R, Sw, gw, 2]
     wx = torch.stack([wx0, wx1], dim=-1)
+    outside = not (bool(y_ok.all()) and bool(x_ok.all()))
+    if outside:  # samples outside the map: the zero row's index along their axis (clamped to it below)
+        rows = torch.where(y_ok[..., None], rows, geo.zero_row)
+        cols = torch.where(x_ok[..., None], cols, geo.zero_row)
     r = rows.shape[0]
-    # [R, Sh, Sw, gh, 2, gw, 2] -> [B * L]: bins row-major, then (sample row, corner row, sample col, corner col).
+    # [R, Sh, Sw, gh, 2, gw, 2] -> [B, L]: bins row-major, then (sample row, corner row, sample col, corner col).
     index = rows[:, :, None, :, :, None, None] + cols[:, None, :, None, None, :, :]
-    valid = y_ok[:, :, None, :, None, None, None] & x_ok[:, None, :, None, None, :, None]
-    index = torch.where(valid, index, geo.zero_row)  # samples outside the map read the zero row
+    if outside:
+        index.clamp_(max=geo.zero_row)  # valid pairs lie below the zero row, every other pair at or past it
     weight = wy[:, :, None, :, :, None, None] * wx[:, None, :, None, None, :, :]
     pairs = 4 * grid * grid
-    offsets = torch.arange(0, r * sh * sw * pairs, pairs, device=dev)
-    return index.reshape(-1), weight.reshape(-1), offsets
+    return index.reshape(r * sh * sw, pairs), weight.reshape(r * sh * sw, pairs), None
 
 
 def _adaptive_map(geo: _Geometry, out_size: tuple[int, int], b0: int, b1: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -204,6 +207,10 @@ def _adaptive_map(geo: _Geometry, out_size: tuple[int, int], b0: int, b1: int) -
     cols, wx, x_ok, x_first = taps(geo.start_w, geo.bin_w, geo.grid_w, sw, geo.width)  # [Tx, 2]
     per_y = geo.grid_h * sh
     rows = rows * geo.width.repeat_interleave(per_y)[:, None] + geo.base.repeat_interleave(per_y)[:, None]
+    outside = not (bool(y_ok.all()) and bool(x_ok.all()))
+    if outside:  # samples outside the map: the zero row's index along their axis (clamped to it below)
+        rows = torch.where(y_ok[:, None], rows, geo.zero_row)
+        cols = torch.where(x_ok[:, None], cols, geo.zero_row)
     count = (geo.grid_h * geo.grid_w).clamp(min=1).to(torch.float32)
     wy = wy / count.repeat_interleave(per_y)[:, None]
     # Bags b0..b1; the bag of a bin of RoI r holds 4 * grid_h[r] * grid_w[r] pairs.
@@ -223,16 +230,19 @@ def _adaptive_map(geo: _Geometry, out_size: tuple[int, int], b0: int, b1: int) -
     k = bag_k[owner]
     yi = y_first[o_roi] + (k // sw) * geo.grid_h[o_roi] + iy
     xi = x_first[o_roi] + (k % sw) * gw + ix
-    index = torch.where(y_ok[yi] & x_ok[xi], rows[yi, cy] + cols[xi, cx], geo.zero_row)
+    index = rows[yi, cy] + cols[xi, cx]
+    if outside:
+        index.clamp_(max=geo.zero_row)
     weight = wy[yi, cy] * wx[xi, cx]
     return index, weight, offsets
 
 
 def _map_pieces(
     geo: _Geometry, out_size: tuple[int, int], sampling_ratio: int, max_pairs: int
-) -> Iterator[tuple[int, int, tuple[Tensor, Tensor, Tensor]]]:
+) -> Iterator[tuple[int, int, tuple[Tensor, Tensor, Optional[Tensor]]]]:
     """The map in pieces ``(b0, b1, (index, weight, offsets))`` over consecutive bags, each of at most
-    ``max_pairs`` pairs (or one bag); offsets relative to the piece."""
+    ``max_pairs`` pairs (or one bag): [B, L] pairs without offsets (fixed sampling), or flat pairs and
+    offsets relative to the piece (adaptive)."""
     bins = out_size[0] * out_size[1]
     num_bags = geo.start_h.shape[0] * bins
     if sampling_ratio > 0:
@@ -251,22 +261,29 @@ def _map_pieces(
         start, b0 = int(ends[b1 - 1]), b1
 
 
-def _join(pieces: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+def _join(pieces: list[tuple[Tensor, Tensor, Optional[Tensor]]]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """One map from consecutive pieces (offsets shifted)."""
     if len(pieces) == 1:
         return pieces[0]
+    index, weight = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+    if pieces[0][2] is None:
+        return index, weight, None
     shift, offsets = 0, []
-    for index, _, off in pieces:
+    for piece, _, off in pieces:
         offsets.append(off + shift)
-        shift += index.shape[0]
-    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]), torch.cat(offsets)
+        shift += piece.shape[0]
+    return index, weight, torch.cat(offsets)
 
 
-def _transposed_sum(index: Tensor, weight: Tensor, offsets: Tensor, grad: Tensor, num_rows: int) -> Tensor:
+def _transposed_sum(index: Tensor, weight: Tensor, offsets: Optional[Tensor], grad: Tensor, num_rows: int) -> Tensor:
     """``sum over pairs (p, w) of bag b: w * grad[b]`` into row p: Tensor[num_rows, C], the pairs grouped by
     row and summed by one ``embedding_bag``."""
-    sizes = torch.diff(offsets, append=offsets.new_tensor([index.shape[0]]))
-    bins = torch.arange(offsets.shape[0], device=index.device).repeat_interleave(sizes)
+    if offsets is None:  # [B, L]: bag b holds pairs b*L .. (b+1)*L - 1
+        bins = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
+    else:
+        sizes = torch.diff(offsets, append=offsets.new_tensor([index.shape[0]]))
+        bins = torch.arange(offsets.shape[0], device=index.device).repeat_interleave(sizes)
+    index, weight = index.reshape(-1), weight.reshape(-1)
     key = index.to(torch.int32) if num_rows < 2**31 else index
     order = torch.argsort(key, stable=True)
     counts = torch.bincount(index, minlength=num_rows)
@@ -315,15 +332,22 @@ def _roi_align_op(
                 if out is None:
                     out = table.new_zeros((num_bags, table.shape[1]))
                 out[b0:b1] = pooled
-            total += index.shape[0]
+            total += index.numel()
             if keep_map and total <= _KEEP_PAIRS:
                 kept.append((index, weight, offsets))
         if out is None:  # no RoIs
             out = table.new_zeros((num_bags, table.shape[1]))
-        if keep_map and total <= _KEEP_PAIRS and kept:
-            return (out, *_join(kept))
-    empty = rois.new_empty((0,), dtype=torch.int64)
-    return out, empty, table.new_empty((0,)), empty.clone()
+    if keep_map and total <= _KEEP_PAIRS and kept:
+        index, weight, offsets = _join(kept)
+        return out, index, weight, rois.new_empty((0,), dtype=torch.int64) if offsets is None else offsets
+    return (out, *_no_map(rois, table, sampling_ratio))
+
+
+def _no_map(rois: Tensor, table: Tensor, sampling_ratio: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The empty (index, weight, offsets) of a map not kept, of the kept map's rank."""
+    shape = (0, 4 * sampling_ratio**2) if sampling_ratio > 0 else (0,)
+    return (rois.new_empty(shape, dtype=torch.int64), table.new_empty(shape),
+            rois.new_empty((0,), dtype=torch.int64))
 
 
 @torch.library.custom_op(
@@ -339,14 +363,16 @@ def _roi_align_backward_op(
     num_rows = _num_pixels(level_shapes) + 1
     with _no_autocast(grad.device.type):
         grad = grad.to(torch.float32).contiguous()
-        if offsets.shape[0] == grad.shape[0]:  # the forward pass kept the map
+        if index.dim() == 2 and index.shape[0] == grad.shape[0]:  # the forward pass kept the map: [B, L] pairs
+            return _transposed_sum(index, weight, None, grad, num_rows)
+        if index.dim() == 1 and offsets.shape[0] == grad.shape[0]:  # ... adaptive: flat pairs and bag offsets
             return _transposed_sum(index, weight, offsets, grad, num_rows)
         # Rebuilt piece by piece; each piece adds the rows it touches (compacted) to the table gradient.
         geo = _geometry(rois, level, level_shapes, scales, out_size, sampling_ratio, aligned)
         out = grad.new_zeros((num_rows, grad.shape[1]))
         max_pairs = max(1024, _BACKWARD_CHUNK_BYTES // (4 * max(grad.shape[1], 1)))
         for b0, b1, (idx, w, off) in _map_pieces(geo, out_size, sampling_ratio, max_pairs):
-            rows, local = torch.unique(idx, return_inverse=True)
+            rows, local = torch.unique(idx, return_inverse=True)  # same shape as idx
             out.index_add_(0, rows, _transposed_sum(local, w, off, grad[b0:b1], rows.shape[0]))
         return out
 
@@ -364,11 +390,14 @@ def _(levels: Sequence[Tensor]) -> Tensor:
 @_roi_align_op.register_fake
 def _(table, rois, level, level_shapes, scales, output_size, sampling_ratio, aligned, keep_map):
     out = table.new_empty((rois.shape[0] * output_size[0] * output_size[1], table.shape[1]))
-    if keep_map:  # the map's length depends on the boxes (and is 0 when not kept)
-        ctx = torch.library.get_ctx()
-        pairs, bags = ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    else:
-        pairs = bags = 0
+    if not keep_map:
+        return (out, *_no_map(rois, table, sampling_ratio))
+    empty = rois.new_empty((0,), dtype=torch.int64)
+    ctx = torch.library.get_ctx()  # whether the map is kept, and its length, depend on the boxes
+    if sampling_ratio > 0:  # [B, L] pairs, no offsets
+        shape = (ctx.new_dynamic_size(), 4 * sampling_ratio**2)
+        return out, rois.new_empty(shape, dtype=torch.int64), table.new_empty(shape), empty.clone()
+    pairs, bags = ctx.new_dynamic_size(), ctx.new_dynamic_size()
     return (out, rois.new_empty((pairs,), dtype=torch.int64), table.new_empty((pairs,)),
             rois.new_empty((bags,), dtype=torch.int64))
 
