@@ -20,8 +20,13 @@ __all__ = ["at_most", "is_tracing"]
 
 
 def is_tracing() -> bool:
-    """True while ``torch.jit.trace`` or the TorchScript-based ``torch.onnx.export`` records the model."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    """True while ``torch.jit.trace`` or the TorchScript-based ``torch.onnx.export`` records the model.
+
+    The ONNX exporter records the model with the same tracer, so ``torch.jit.is_tracing()`` answers for
+    both (``tests/test_tracing.py`` checks it); ``torch.onnx.is_in_onnx_export()`` is not asked: it
+    imports two modules per call (~10 µs), and this runs in every eager forward.
+    """
+    return torch.jit.is_tracing()
 
 
 def at_most(size: int | Tensor, limit: int) -> int | Tensor:
