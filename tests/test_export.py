@@ -191,8 +191,26 @@ def test_export_error_without_the_private_dispatch_mode(monkeypatch):
 
 
 def test_exportable_rejects_other_models():
-    with pytest.raises(TypeError, match="GeneralizedRCNN or SemanticFPN"):
+    with pytest.raises(ExportError, match="cannot export Linear: resdet exports GeneralizedRCNN"):
         exportable(nn.Linear(2, 2))
+
+
+def test_tools_export_refuses_panoptic_fpn_in_one_line(tmp_path, capsys):
+    """A Panoptic FPN holds a whole Mask R-CNN: it is refused, not exported as its instance half."""
+    from resdet.config import config_to_dict, load_config
+    from resdet.models import build_model
+
+    cfg = load_config(str(Path(__file__).parents[1] / "configs/shapes/panoptic_fpn_r34.yaml"),
+                      ["model.backbone=resnet18"])
+    model = build_model(cfg).eval()
+    ckpt, out = tmp_path / "model.pth", tmp_path / "model.onnx"
+    torch.save({"model": model.state_dict(), "resdet": {}, "config": config_to_dict(cfg)}, ckpt)
+    export_main = load_tool("export")
+    for fmt in ("onnx", "torchscript"):
+        assert export_main(["--checkpoint", str(ckpt), "--format", fmt, "--out", str(out), "--optimize"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot export PanopticFPN: its panoptic combination step") and err.count("\n") == 1
+    assert not out.exists()
 
 
 def test_paste_masks_traced_at_one_size_equals_eager_at_others():

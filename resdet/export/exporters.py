@@ -50,7 +50,8 @@ def check_opset(opset: int) -> int:
 
 
 class ExportError(RuntimeError):
-    """An op of the model cannot be exported; the message names the op and the module that runs it."""
+    """The model cannot be exported: an op it runs (the message names the op and the module that runs it),
+    or the kind of model."""
 
 
 class OneImageModel(nn.Module):
@@ -75,16 +76,33 @@ class OneImageModel(nn.Module):
 
 
 def exportable(model: nn.Module) -> OneImageModel:
-    """The one-image module of a resdet model (``GeneralizedRCNN`` or ``SemanticFPN``) that is traced."""
-    if hasattr(model, "rpn") and hasattr(model, "roi_heads"):
-        names = ["boxes", "labels", "scores"] + (["masks"] if getattr(model, "has_masks", False) else [])
-        return OneImageModel(model, names).eval()
-    if hasattr(model, "sem_seg_head"):
+    """The one-image module of a resdet ``GeneralizedRCNN`` or ``SemanticFPN`` that is traced (in eval mode).
+
+    Raises:
+        ExportError: any other model (one line naming it), Panoptic FPN included: its combination step
+            is a data-dependent loop over detections that a trace would record for one image only.
+        ValueError: a semantic FPN whose ``size_divisible`` is not a multiple of 32.
+    """
+    return OneImageModel(model, _output_names(model)).eval()
+
+
+def _output_names(model: nn.Module) -> list[str]:
+    """The outputs the exported file returns; raises :func:`exportable`'s errors."""
+    from resdet.models import GeneralizedRCNN, PanopticFPN, SemanticFPN
+
+    if isinstance(model, GeneralizedRCNN):
+        return ["boxes", "labels", "scores"] + (["masks"] if model.has_masks else [])
+    if isinstance(model, SemanticFPN):
         divisible = model.transform.size_divisible
         if divisible % 32:  # the semantic head's upsampled levels must meet at every traced size
             raise ValueError(f"export needs size_divisible to be a multiple of 32, got {divisible}")
-        return OneImageModel(model, ["sem_seg"]).eval()
-    raise TypeError(f"cannot export {type(model).__name__}: expected a resdet GeneralizedRCNN or SemanticFPN")
+        return ["sem_seg"]
+    if isinstance(model, PanopticFPN):
+        raise ExportError("cannot export PanopticFPN: its panoptic combination step is a data-dependent loop over "
+                          "detections that a trace would record for one image only; resdet exports Faster/Mask R-CNN "
+                          "and semantic FPN models")
+    raise ExportError(f"cannot export {type(model).__name__}: resdet exports GeneralizedRCNN (Faster/Mask R-CNN) "
+                      f"and SemanticFPN models")
 
 
 def example_image(height: int = 320, width: int = 427, seed: int = 0) -> Tensor:
@@ -194,6 +212,7 @@ def to_onnx(
         ExportError: an op cannot be exported (names the op and the module running it).
     """
     check_opset(opset)
+    _output_names(model)  # the model is exportable, before it is copied and optimized
     size = input_size or (320, 427)
     example = example_image(*size) if example is None else example
     wrapper = exportable(_prepare(model, optimize, channels_last=False))
@@ -246,6 +265,7 @@ def to_torchscript(
     docstring (names in the file's ``output_names`` extra file). Arguments are :func:`to_onnx`'s;
     ``optimize`` runs ``optimize_for_inference()`` (BatchNorm folded, channels-last).
     """
+    _output_names(model)
     example = example_image() if example is None else example
     wrapper = exportable(_prepare(model, optimize, channels_last=True))
     try:
