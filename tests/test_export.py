@@ -190,6 +190,16 @@ def test_export_error_without_the_private_dispatch_mode(monkeypatch):
         exporters._raise_export_error(err, wrapper, image, "ONNX export")
 
 
+def test_opset_range_without_the_private_constant(monkeypatch):
+    """The exporter's highest opset is read from torch.onnx._constants (private); without it, 20."""
+    from resdet.export import check_opset, exporters
+
+    monkeypatch.setitem(sys.modules, "torch.onnx._constants", None)  # its import now fails
+    assert exporters._max_opset() == 20 and check_opset(20) == 20
+    with pytest.raises(ValueError, match="opsets 11 to 20"):
+        check_opset(21)
+
+
 def test_exportable_rejects_other_models():
     with pytest.raises(ExportError, match="cannot export Linear: resdet exports GeneralizedRCNN"):
         exportable(nn.Linear(2, 2))
