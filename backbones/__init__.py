@@ -1,4 +1,4 @@
-"""ResNet backbones (C2–C5) and FPN necks.
+"""ResNet backbones (C2–C5) and FPN necks; the CIFAR ResNets of the ResNet paper.
 
 Importing this package also registers the ``resdet_*`` classifiers with timm (``timm_models``).
 """
@@ -20,11 +20,26 @@ from .resnet import (
     wide_resnet50_2,
 )
 from resdet.layers.shape_spec import ShapeSpec
+from .cifar_resnet import (
+    CIFAR_RESNETS,
+    CifarResNet,
+    ShortcutA,
+    build_cifar_resnet,
+    cifar_resnet20,
+    cifar_resnet32,
+    cifar_resnet44,
+    cifar_resnet56,
+    cifar_resnet110,
+    cifar_resnet1202,
+)
 from .weights import load_checkpoint, load_resnet_weights
 from . import timm_models  # noqa: E402  (registers resdet_* with timm)
-from .timm_models import ResNetClassifier
+from .timm_models import CifarResNetClassifier, ResNetClassifier
 
 __all__ = [
+    "CIFAR_RESNETS",
+    "CifarResNet",
+    "CifarResNetClassifier",
     "FPN",
     "LEVELS",
     "NORMS",
@@ -39,8 +54,16 @@ __all__ = [
     "ResNet",
     "ResNetClassifier",
     "ShapeSpec",
+    "ShortcutA",
+    "build_cifar_resnet",
     "build_resnet",
     "build_resnet_fpn",
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet44",
+    "cifar_resnet56",
+    "cifar_resnet110",
+    "cifar_resnet1202",
     "get_norm",
     "load_checkpoint",
     "load_resnet_weights",

@@ -79,9 +79,11 @@ class _ResidualBlock(nn.Module):
         ds = self.downsample
         if ds is None:
             return x
-        if not torch.jit.is_scripting() and isinstance(ds, nn.Sequential) and len(ds) == 2:
+        if torch.jit.is_scripting():  # a constant to TorchScript: it compiles only this branch
+            return ds(x)
+        if isinstance(ds, nn.Sequential) and len(ds) == 2:
             return conv_norm_forward(ds[0], ds[1], x)  # (conv 1x1, norm): folds a frozen norm
-        return ds(x)
+        return ds(x)  # any other shortcut module (e.g. the CIFAR ResNets' parameter-free option A)
 
     def _inner(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -189,7 +191,61 @@ class Bottleneck(_ResidualBlock):
 Block = Union[type[BasicBlock], type[Bottleneck]]
 
 
-class ResNet(nn.Module):
+class _TrunkBase(nn.Module):
+    """What the ResNet trunks (ImageNet and CIFAR) share: freezing the stem and the first stages, norm
+    layers kept in eval mode, and the ``output_shape()`` of the returned levels. Subclasses set
+    ``frozen_stages``, ``num_stages``, ``norm_eval``, ``out_features``, ``_shapes`` and the modules ``conv1``,
+    ``bn1``, ``layer1`` ..."""
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        """Kaiming normal (fan-out, ReLU) convolutions, unit-scale zero-shift norms; with
+        ``zero_init_residual`` the last norm of every block starts at zero scale."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    last = m.last_norm()
+                    if isinstance(last.weight, nn.Parameter):
+                        nn.init.zeros_(last.weight)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules frozen by ``frozen_stages`` (stem, then ``layer1`` ... in order)."""
+        modules: list[nn.Module] = []
+        if self.frozen_stages >= 1:
+            modules += [self.conv1, self.bn1]
+        for i in range(1, min(self.frozen_stages, self.num_stages + 1)):
+            modules.append(getattr(self, f"layer{i}"))
+        return modules
+
+    def _freeze(self) -> None:
+        for module in self.frozen_modules():
+            for p in module.parameters():
+                p.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True) -> "_TrunkBase":
+        """Set train/eval mode; frozen stages (and all norms when ``norm_eval``) stay in eval mode."""
+        super().train(mode)
+        if mode:
+            for module in self.frozen_modules():
+                module.eval()
+            if self.norm_eval:
+                for m in self.modules():
+                    if is_norm(m):
+                        m.eval()
+        return self
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        """Channels and stride of every returned level."""
+        return {name: self._shapes[name] for name in self.out_features}
+
+
+class ResNet(_TrunkBase):
     """ResNet trunk returning a dict of the requested levels among ``c2..c5`` (strides 4, 8, 16, 32).
 
     Only the stages up to the deepest requested level are built, so every parameter takes part in the
@@ -297,52 +353,6 @@ class ResNet(nn.Module):
 
             load_resnet_weights(self, weights)
         self._freeze()
-
-    # ----------------------------------------------------------------------------------------- set-up
-    def _init_weights(self, zero_init_residual: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
-                    last = m.last_norm()
-                    if isinstance(last.weight, nn.Parameter):
-                        nn.init.zeros_(last.weight)
-
-    def frozen_modules(self) -> list[nn.Module]:
-        """Modules frozen by ``frozen_stages`` (stem, then ``layer1`` ... in order)."""
-        modules: list[nn.Module] = []
-        if self.frozen_stages >= 1:
-            modules += [self.conv1, self.bn1]
-        for i in range(1, min(self.frozen_stages, self.num_stages + 1)):
-            modules.append(getattr(self, f"layer{i}"))
-        return modules
-
-    def _freeze(self) -> None:
-        for module in self.frozen_modules():
-            for p in module.parameters():
-                p.requires_grad_(False)
-            module.eval()
-
-    def train(self, mode: bool = True) -> "ResNet":
-        """Set train/eval mode; frozen stages (and all norms when ``norm_eval``) stay in eval mode."""
-        super().train(mode)
-        if mode:
-            for module in self.frozen_modules():
-                module.eval()
-            if self.norm_eval:
-                for m in self.modules():
-                    if is_norm(m):
-                        m.eval()
-        return self
-
-    def output_shape(self) -> dict[str, ShapeSpec]:
-        """Channels and stride of every returned level."""
-        return {name: self._shapes[name] for name in self.out_features}
 
     # ---------------------------------------------------------------------------------------- forward
     def forward_stem(self, x: Tensor) -> Tensor:
