@@ -19,7 +19,8 @@ import torch.utils.data
 
 from .base import IGNORE_LABEL, masks_to_boxes, select_instances
 
-__all__ = ["ResizeShortestEdge", "DetectionTransforms", "build_transforms"]
+__all__ = ["ResizeShortestEdge", "DetectionTransforms", "build_transforms", "ClassificationTransforms",
+           "build_classification_transforms"]
 
 
 class ResizeShortestEdge(A.DualTransform):
@@ -200,3 +201,70 @@ def build_transforms(*, train: bool, min_size: int | Sequence[int] | None = None
                                  hue=min(color_jitter / 4, 0.5), p=0.8))
     return DetectionTransforms(ops, min_box_size=min_box_size,
                                recompute_boxes=random_crop or large_scale_jitter is not None)
+
+
+class ClassificationTransforms:
+    """Runs an albumentations pipeline on the image of a classification item; the target passes unchanged.
+
+    Same interface as :class:`DetectionTransforms` (``set_seed``, per-worker reseeding), so the trainer's
+    seeded, resumable data order covers it too.
+    """
+
+    def __init__(self, transforms: Sequence[A.BasicTransform]) -> None:
+        self.compose = A.Compose(list(transforms) or [A.NoOp()])
+        self._seeded_worker: int | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.compose.transforms!r})"
+
+    def set_seed(self, seed: int) -> None:
+        """Seeds the random state of every transform."""
+        self.compose.set_random_seed(seed % 2**32)
+
+    def __call__(self, image: np.ndarray, target: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._seeded_worker != info.id:  # forked workers: one random state each
+            self.set_seed(info.seed)
+            self._seeded_worker = info.id
+        return self.compose(image=image)["image"], target
+
+
+def build_classification_transforms(*, train: bool, augment: str = "pad_crop", crop_size: int = 32, padding: int = 4,
+                                    scale: Sequence[float] = (0.08, 1.0), hflip_prob: float = 0.5
+                                    ) -> ClassificationTransforms | None:
+    """The training pipeline of an image classifier; None at test time (the model resizes and crops its own
+    input in evaluation).
+
+    Args:
+        train: training pipeline, or None for testing.
+        augment: ``pad_crop``: pad ``padding`` zero pixels on each side and take a random ``crop_size`` square
+            (He et al.'s CIFAR augmentation: 4 pixels, 32×32); ``random_resized_crop``: a random area
+            ``scale`` and aspect ratio 3/4..4/3 resized to ``crop_size`` (torchvision's ImageNet training);
+            ``none``: no crop.
+        crop_size: side of the training crop.
+        padding: ``pad_crop`` padding on each side.
+        scale: ``random_resized_crop`` area range, as fractions of the image.
+        hflip_prob: probability of a horizontal flip (after the crop).
+    """
+    if not train:
+        return None
+    if not 0.0 <= hflip_prob <= 1.0:
+        raise ValueError(f"hflip_prob must lie in [0, 1], got {hflip_prob}")
+    ops: list[A.BasicTransform] = []
+    if augment == "pad_crop":
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0, got {padding}")
+        if padding:
+            ops.append(A.Pad(padding=padding, fill=0, border_mode=cv2.BORDER_CONSTANT))
+        ops.append(A.RandomCrop(height=crop_size, width=crop_size, pad_if_needed=True, fill=0))
+    elif augment == "random_resized_crop":
+        low, high = (float(v) for v in scale)
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {list(scale)}")
+        ops.append(A.RandomResizedCrop(size=(crop_size, crop_size), scale=(low, high), ratio=(3 / 4, 4 / 3),
+                                       interpolation=cv2.INTER_LINEAR))
+    elif augment != "none":
+        raise ValueError(f"augment must be 'pad_crop', 'random_resized_crop' or 'none', got {augment!r}")
+    if hflip_prob > 0:
+        ops.append(A.HorizontalFlip(p=hflip_prob))
+    return ClassificationTransforms(ops)
