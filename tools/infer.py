@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Run a trained model on images or folders; write the images with drawn predictions (detectors: boxes,
 labels, scores, masks; semantic models: a colour overlay with a legend; panoptic models: every segment in
-its own colour, things outlined, a legend) as PNG, plus ``detections.json`` (boxes, scores, masks as COCO
-RLE; semantic: the share of pixels per class; panoptic: the segments with RLE masks). Files that are not images are
-skipped and counted.
+its own colour, things outlined, a legend; classifiers: the top-5 classes) as PNG, plus ``detections.json``
+(boxes, scores, masks as COCO RLE; semantic: the share of pixels per class; panoptic: the segments with RLE
+masks; classifiers: ``top5``, also printed per image). Files that are not images are skipped and counted.
 
 Example::
 
@@ -51,6 +51,10 @@ def _infer(args: argparse.Namespace) -> int:
         found = f"{sum(len(r['segments']) for r in results)} panoptic segments"
     elif "detections" in first:
         found = f"{sum(len(r['detections']) for r in results)} detections"
+    elif "top5" in first:
+        found = "top-5 classes"
+        for r in results:
+            print(f"{r['file']}: " + ", ".join(f"{c['class']} {c['score']:.3f}" for c in r["top5"]))
     else:
         found = "semantic maps"
     line = f"{len(results)} images, {found} -> {args.output}/ (detections.json)"

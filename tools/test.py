@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a checkpoint on a config's validation set and print the tables (COCO bbox/segm, VOC, mIoU,
-panoptic PQ / SQ / RQ for All, Things, Stuff and per category).
+panoptic PQ / SQ / RQ for All, Things, Stuff and per category, classification top-1/top-5 accuracy
+and error).
 
 Examples::
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Train a detector from a config; with no arguments, the built-in shapes demo (Mask R-CNN R34-FPN).
+"""Train a detector, segmenter or classifier from a config; with no arguments, the built-in shapes demo
+(Mask R-CNN R34-FPN).
 
 Examples::
 
     python tools/train.py                                   # shapes demo: generate, train, evaluate
     python tools/train.py --config configs/coco/mask_rcnn_r34_fpn_1x.yaml data.root=/data/coco
+    python tools/train.py --config configs/cifar10/resnet20.yaml data.root=/data/cifar10   # prints top-1 error
     python tools/train.py --config ... --resume             # continue from the newest checkpoint
     torchrun --nproc_per_node=8 tools/train.py --config ... # DistributedDataParallel
 

@@ -24,6 +24,7 @@ __all__ = [
     "Min",
     "ModelConfig",
     "ShapesConfig",
+    "ClassificationDataConfig",
     "DataConfig",
     "SolverConfig",
     "TrainConfig",
@@ -60,9 +61,10 @@ class ModelConfig:
     """Model architecture; typed keys are passed to the builder of ``arch`` where it has a keyword of the
     same name (``resdet.models.registry.build_model``)."""
 
-    arch: str = "mask_rcnn"  # a name registered in resdet.models.registry: faster_rcnn, mask_rcnn, semantic_fpn, panoptic_fpn
+    # a name registered in resdet.models.registry: faster_rcnn, mask_rcnn, semantic_fpn, panoptic_fpn, classifier
+    arch: str = "mask_rcnn"
     backbone: str = "resnet50"
-    num_classes: int = 91  # counts the background class for detectors
+    num_classes: int = 91  # counts the background class for detectors; a classifier's K classes (labels 0..K-1)
     norm: Literal["bn", "frozen_bn", "sync_bn", "gn"] | None = None  # None: the builder's default
     fpn_norm: Literal["gn"] | None = None
     frozen_stages: int | None = None  # None: the builder's default
@@ -96,11 +98,23 @@ class ShapesConfig:
 
 
 @dataclass
+class ClassificationDataConfig:
+    """Image classification data (``data.task: classification``): CIFAR splits and the training crop."""
+
+    augment: Literal["pad_crop", "random_resized_crop", "none"] = "pad_crop"  # pad_crop: He et al.'s CIFAR crops
+    crop_size: Count = 32  # training crop side
+    padding: NonNegative = 4  # pad_crop: zero pixels added on each side before the crop
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random_resized_crop area range
+    holdout: NonNegative = 0  # CIFAR: the last N training images form the 'val' split (5000: the paper's 45k/5k)
+    label_type: Literal["fine", "coarse"] = "fine"  # CIFAR-100: 100 fine classes or 20 superclasses
+
+
+@dataclass
 class DataConfig:
     """Dataset location, loading and augmentation."""
 
-    task: Literal["detection", "instance", "semantic", "panoptic"] = "instance"
-    dataset: Literal["coco", "voc", "cityscapes", "shapes"] = "coco"
+    task: Literal["detection", "instance", "semantic", "panoptic", "classification"] = "instance"
+    dataset: Literal["coco", "voc", "cityscapes", "shapes", "cifar10", "cifar100", "imagefolder"] = "coco"
     root: str = "datasets/coco"
     train_images: str = "train2017"  # relative to root (COCO/shapes); VOC: image set name
     train_ann: str = "annotations/instances_train2017.json"
@@ -121,6 +135,7 @@ class DataConfig:
     train_min_size: int | list[int] | None = None  # data-side resize; None: only the model resizes
     train_max_size: int | None = None
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    classification: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
 
 
 @dataclass
@@ -144,6 +159,7 @@ class SolverConfig:
     gamma: float = 0.1
     warmup_iters: IterOrFraction = 1000  # iterations; < 1: a fraction of max_iter
     warmup_factor: float = 0.001
+    warmup_method: Literal["linear", "constant"] = "linear"  # constant: warmup_factor * lr throughout the warmup
     min_lr_factor: float = 0.0  # cosine floor as a fraction of lr
     clip_grad_norm: float | None = None
     accumulate: Count = 1  # micro-batches per optimizer step
@@ -176,7 +192,7 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation and visualisation."""
 
-    evaluator: Literal["auto", "coco", "voc", "sem_seg", "panoptic", "none"] = "auto"
+    evaluator: Literal["auto", "coco", "voc", "sem_seg", "panoptic", "classification", "none"] = "auto"
     iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
     voc_07_metric: bool = False
     max_images: Count | None = None  # evaluate on the first N validation images only

@@ -33,6 +33,7 @@ __all__ = [
     "num_loader_workers",
     "available_cpus",
     "collate",
+    "collate_classification",
 ]
 
 logger = logging.getLogger("resdet")
@@ -42,6 +43,24 @@ def collate(batch: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
     """``[(image, target), ...]`` → ``([images], [targets])``; images keep their own sizes."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+def collate_classification(batch: list[tuple[Any, Any]]) -> tuple[Any, list[Any]]:
+    """:func:`collate` for classification items: images of one size become one ``Tensor[N, C, H, W]``
+    (iterating it gives the images) and the labels one ``Tensor[N]`` that the targets view, so a loader
+    worker hands the main process two tensors per batch instead of two per image (each tensor crossing
+    processes costs a shared-memory transfer)."""
+    images, targets = zip(*batch)
+    if len({tuple(im.shape) for im in images}) == 1:
+        images = torch.stack(images)
+    if all(isinstance(t, dict) and torch.is_tensor(t.get("labels")) and t["labels"].numel() == 1 for t in targets):
+        labels = torch.stack([t["labels"].reshape(()) for t in targets])
+        targets = [{**t, "labels": labels[i]} for i, t in enumerate(targets)]
+    return images if torch.is_tensor(images) else list(images), list(targets)
+
+
+def _collate_fn(cfg: Config):
+    return collate_classification if cfg.data.task == "classification" else collate
 
 
 def _worker_init(worker_id: int) -> None:
@@ -87,11 +106,15 @@ def ensure_shapes(cfg: Config) -> None:
 
 def _transforms(cfg: Config, train: bool):
     """Training augmentation; None at test time (the model resizes its own input)."""
-    from resdet.data.transforms import build_transforms
+    from resdet.data.transforms import build_classification_transforms, build_transforms
 
     d = cfg.data
     if not train:
         return None
+    if d.task == "classification":
+        c = d.classification
+        return build_classification_transforms(train=True, augment=c.augment, crop_size=c.crop_size,
+                                               padding=c.padding, scale=c.scale, hflip_prob=d.hflip_prob)
     return build_transforms(train=True, min_size=d.train_min_size, max_size=d.train_max_size,
                             hflip_prob=d.hflip_prob)
 
@@ -139,8 +162,39 @@ def _build_panoptic(cfg: Config, *, train: bool, transforms) -> Dataset:
                       "shapes)")
 
 
+_CLASSIFICATION_DATASETS = ("cifar10", "cifar100", "imagefolder")
+
+
+def _build_classification(cfg: Config, *, train: bool, transforms) -> Dataset:
+    """CIFAR-10/100 (the published pickles) or an image folder tree, for ``data.task: classification``."""
+    d = cfg.data
+    if d.task != "classification" or d.dataset not in _CLASSIFICATION_DATASETS:
+        raise ConfigError(f"data.dataset={d.dataset!r} with data.task={d.task!r}: classification data "
+                          f"({', '.join(_CLASSIFICATION_DATASETS)}) goes with data.task=classification and the other "
+                          f"datasets with detection, instance or semantic")
+    split = d.train_split if train else d.val_split
+    if d.dataset == "imagefolder":
+        from resdet.data.image_folder import ImageFolderDataset, list_classes
+
+        classes = None if train else list_classes(os.path.join(d.root, d.train_split))
+        return ImageFolderDataset(d.root, split, classes=classes, transforms=transforms)
+    from resdet.data.cifar import CifarDataset
+
+    c = d.classification
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"data.{'train' if train else 'val'}_split={split!r}: CIFAR has the splits train, val "
+                          "(data.classification.holdout images set aside from train) and test")
+    if split == "val" and not c.holdout:
+        raise ConfigError("data.val_split=val needs data.classification.holdout > 0 (5000: the paper's 45k/5k "
+                          "split); data.val_split=test evaluates on the test set")
+    return CifarDataset(d.root, split, variant=d.dataset, label_type=c.label_type, holdout=c.holdout,
+                        transforms=transforms)
+
+
 def _build(cfg: Config, *, train: bool, transforms) -> Dataset:
     d = cfg.data
+    if d.task == "classification" or d.dataset in _CLASSIFICATION_DATASETS:
+        return _build_classification(cfg, train=train, transforms=transforms)
     remove_empty = d.remove_empty and train
     if d.task == "panoptic":
         return _build_panoptic(cfg, train=train, transforms=transforms)
@@ -182,10 +236,22 @@ def _build(cfg: Config, *, train: bool, transforms) -> Dataset:
 
 
 def check_num_classes(cfg: Config, dataset: Dataset, *, where: str) -> None:
-    """Stop at start when the data's classes and ``model.num_classes`` disagree (detection tasks)."""
+    """Stop at start when the data's classes and ``model.num_classes`` disagree (detection and
+    classification tasks), or when the data and the model's task do not go together."""
     from resdet.models import arch_task
 
-    if cfg.data.task == "semantic" or arch_task(cfg.model.arch) not in ("detection", "instance", "panoptic"):
+    task = arch_task(cfg.model.arch)
+    if (task == "classification") != (cfg.data.task == "classification"):
+        raise ConfigError(f"model.arch={cfg.model.arch!r} ({task}) does not go with data.task={cfg.data.task!r}: "
+                          "a classifier trains on classification data (cifar10, cifar100, imagefolder), the other "
+                          "models on detection/segmentation data")
+    if task == "classification":
+        wanted = int(getattr(dataset, "num_classes", cfg.model.num_classes))
+        if wanted != cfg.model.num_classes:
+            raise ConfigError(f"the {where} data has {wanted} classes (labels 0..{wanted - 1}) but model.num_classes="
+                              f"{cfg.model.num_classes}: set model.num_classes={wanted}")
+        return
+    if cfg.data.task == "semantic" or task not in ("detection", "instance", "panoptic"):
         return
     stuff = getattr(dataset, "num_stuff_classes", None)
     if arch_task(cfg.model.arch) == "panoptic" and stuff is not None:
@@ -265,7 +331,8 @@ class SeededDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             random.seed(item_seed)
             np.random.seed(item_seed)
-            torch.manual_seed(item_seed)
+            torch.default_generator.manual_seed(item_seed)  # the CPU generator fork_rng restores (torch.manual_seed
+            # would also reseed every CUDA generator, which fork_rng(devices=[]) leaves changed, at ~100 us per item)
             self._seed_transforms(item_seed)
             try:
                 return self.dataset[index]
@@ -291,7 +358,7 @@ def build_train_loader(cfg: Config, dataset: Dataset, *, rank: int = 0,
     g = torch.Generator()
     g.manual_seed(cfg.train.seed)  # DataLoader draws worker base seeds from this, not the global RNG
     workers = num_loader_workers(d.num_workers)
-    loader = DataLoader(seeded, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
+    loader = DataLoader(seeded, batch_sampler=batch_sampler, num_workers=workers, collate_fn=_collate_fn(cfg),
                         generator=g, worker_init_fn=_worker_init if workers else None, persistent_workers=False)
     return loader, batch_sampler, seeded
 
@@ -305,25 +372,28 @@ def build_test_loader(cfg: Config, dataset: Dataset, *, rank: int = 0, world_siz
     workers = num_loader_workers(min(cfg.data.num_workers, 2))
     return DataLoader(subset, batch_size=cfg.data.test_batch_size,
                       sampler=InferenceSampler(n, rank=rank, world_size=world_size), num_workers=workers,
-                      collate_fn=collate, worker_init_fn=_worker_init if workers else None)
+                      collate_fn=_collate_fn(cfg), worker_init_fn=_worker_init if workers else None)
 
 
 def build_evaluator(cfg: Config, dataset: Dataset, *, output_dir: str | None = None, label_space=None):
     """The evaluator for ``cfg.eval.evaluator`` (``auto``: COCO for coco/shapes/cityscapes instance
     data, VOC for voc detection data, mIoU for semantic data, PQ plus the instances' COCO AP for panoptic
-    data); None for ``none``.
+    data, top-1/top-5 accuracy for classification data); None for ``none``.
 
     Args:
         label_space: the model's :class:`~resdet.data.label_space.LabelSpace` (labels → the dataset's
             category ids); None: the dataset's own contiguous mapping.
     """
-    from resdet.evaluation import COCOEvaluator, PanopticEvaluator, SemSegEvaluator, VOCEvaluator
+    from resdet.evaluation import (ClassificationEvaluator, COCOEvaluator, PanopticEvaluator, SemSegEvaluator,
+                                   VOCEvaluator)
 
     kind = cfg.eval.evaluator
     if kind == "none":
         return None
     if kind == "auto":
-        if cfg.data.task == "panoptic":
+        if cfg.data.task == "classification":
+            kind = "classification"
+        elif cfg.data.task == "panoptic":
             kind = "panoptic"
         elif cfg.data.task == "semantic":
             kind = "sem_seg"
@@ -331,6 +401,10 @@ def build_evaluator(cfg: Config, dataset: Dataset, *, output_dir: str | None = N
             kind = "voc"
         else:
             kind = "coco"
+    if kind == "classification":
+        names = list(getattr(dataset, "class_names", []))
+        return ClassificationEvaluator(cfg.model.num_classes, class_names=names if len(names) == cfg.model.num_classes
+                                       else None)
     if kind == "sem_seg":
         from .visualize import semantic_class_names
 

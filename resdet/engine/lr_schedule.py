@@ -1,4 +1,4 @@
-"""Per-iteration learning-rate schedules: linear warmup followed by multistep, cosine or constant.
+"""Per-iteration learning-rate schedules: linear (or constant) warmup followed by multistep, cosine or constant.
 
 ``solver.steps`` and ``solver.warmup_iters`` may be written as fractions of ``solver.max_iter`` (a value
 below 1, e.g. ``steps: [0.75, 0.94]``, ``warmup_iters: 0.1``) so that the schedule follows the run length;
@@ -27,8 +27,10 @@ class LRFactor:
         max_iter: total optimizer steps (cosine reaches ``min_factor`` there).
         steps: multistep milestones (iterations).
         gamma: multistep decay per milestone.
-        warmup_iters: linear warmup length; 0 disables warmup.
-        warmup_factor: factor at iteration 0, rising linearly to 1 at ``warmup_iters``.
+        warmup_iters: warmup length; 0 disables warmup.
+        warmup_factor: factor at iteration 0, rising linearly to 1 at ``warmup_iters`` (``linear``), or held
+            until then (``constant``: He et al.'s 0.01 start of ResNet-110 on CIFAR).
+        warmup_method: ``linear`` or ``constant``.
         min_factor: cosine floor.
     """
 
@@ -39,10 +41,13 @@ class LRFactor:
     warmup_iters: int = 0
     warmup_factor: float = 0.001
     min_factor: float = 0.0
+    warmup_method: str = "linear"
 
     def __post_init__(self) -> None:
         if self.schedule not in ("multistep", "cosine", "constant"):
             raise ValueError(f"schedule {self.schedule!r} is not multistep, cosine or constant")
+        if self.warmup_method not in ("linear", "constant"):
+            raise ValueError(f"warmup_method {self.warmup_method!r} is not linear or constant")
         if list(self.steps) != sorted(self.steps):
             raise ValueError(f"multistep steps must increase, got {list(self.steps)}")
         self.steps = tuple(self.steps)
@@ -56,7 +61,7 @@ class LRFactor:
         else:
             factor = 1.0
         if it < self.warmup_iters:
-            alpha = it / self.warmup_iters
+            alpha = 0.0 if self.warmup_method == "constant" else it / self.warmup_iters
             factor *= self.warmup_factor * (1 - alpha) + alpha
         return factor
 

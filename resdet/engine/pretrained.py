@@ -6,7 +6,8 @@
 * a torchvision detection checkpoint (``backbone.body.*``, ``rpn.*``, ``roi_heads.*`` keys; renamed with
   ``resdet.models.torchvision_compat.convert_torchvision_state_dict`` when that gives more matches),
 * an ImageNet torchvision/timm ResNet checkpoint (``conv1.*``, ``layer1.*``...; its keys go under the
-  model's backbone body prefix and the classifier is dropped).
+  model's backbone body prefix and the classifier is dropped, except for an image classifier, whose
+  ``fc`` it fills when the class counts agree).
 
 Tensors whose shape differs from the model's (another ``num_classes``) keep the model's fresh
 initialisation and are listed as skipped. That is what fine-tuning wants; evaluation and inference want
@@ -140,7 +141,10 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     else:
         source = "imagenet_backbone"
         prefix = _body_prefix(list(target))
-        sd = {prefix + k: v for k, v in sd.items() if not k.startswith(("fc.", "head.fc.", "classifier."))}
+        # An image classifier (model.arch=classifier: backbone.* and fc.*) takes the checkpoint's fc as well.
+        own_fc = bool(prefix) and "fc.weight" in target
+        sd = {(k if own_fc and k.startswith("fc.") else prefix + k): v for k, v in sd.items()
+              if (own_fc and k.startswith("fc.")) or not k.startswith(("fc.", "head.fc.", "classifier."))}
     report = LoadReport(path=os.fspath(path), source=source)
     model_space = label_space_of(model)
     source_space = checkpoint_label_space(sd, extras) if model_space else None
@@ -162,7 +166,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     report.missing = list(report.unfilled)
     if source == "imagenet_backbone":  # only the body was asked for: list what is missing inside it
         prefix = _body_prefix(list(target))
-        report.missing = [k for k in report.missing if k.startswith(prefix)]
+        report.missing = [k for k in report.missing if k.startswith(prefix) or (own_fc and k.startswith("fc."))]
     model.load_state_dict(fitting, strict=False)
     return report
 

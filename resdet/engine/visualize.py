@@ -4,8 +4,10 @@ Detections: masks with ``torchvision.utils.draw_segmentation_masks``, boxes with
 captions with PIL at a size that follows the image (readable at 128 px and at 2000 px). Semantic maps: a
 colour overlay per class and a legend of the classes present. Panoptic results: every segment in its own
 colour (stuff in its class colour, each thing instance a shade of its class colour), things outlined and
-captioned with their score, and a legend of the classes present. Images are read by the one reader of the
-datasets (``resdet.data.image_io.read_image``: 16-bit, palette, grayscale and RGBA files as training sees them).
+captioned with their score, and a legend of the classes present. Classifications: the top-5 classes and
+their scores (small images, e.g. CIFAR's 32×32, enlarged first so the text fits). Images are read by the
+one reader of the datasets (``resdet.data.image_io.read_image``: 16-bit, palette, grayscale and RGBA files as
+training sees them).
 """
 from __future__ import annotations
 
@@ -26,8 +28,9 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from resdet.data.image_io import ImageReadError, image_to_tensor, read_image
 
-__all__ = ["IMAGE_SUFFIXES", "draw_predictions", "draw_semantic", "draw_panoptic", "list_images", "predict_files",
-           "save_dataset_visualizations", "read_rgb", "semantic_class_names", "write_rgb", "mask_to_rle"]
+__all__ = ["IMAGE_SUFFIXES", "draw_classification", "draw_predictions", "draw_semantic", "draw_panoptic",
+           "is_classification", "list_images", "predict_files", "save_dataset_visualizations", "read_rgb",
+           "semantic_class_names", "top_classes", "write_rgb", "mask_to_rle"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -102,6 +105,40 @@ def _to_uint8(image: Tensor) -> Tensor:
     return img.cpu()
 
 
+def is_classification(output: dict[str, Tensor]) -> bool:
+    """Whether ``output`` is a classifier's (``scores`` over all classes, no boxes)."""
+    return ("scores" in output and output["scores"].dim() == 1
+            and not {"boxes", "sem_seg", "panoptic_seg"} & output.keys())
+
+
+def top_classes(output: dict[str, Tensor], class_names: Sequence[str] = (), k: int = 5) -> list[dict[str, Any]]:
+    """The ``k`` best classes of a classifier's output: ``label`` (0-based), ``class`` and ``score``."""
+    scores = output["scores"].float().cpu()
+    top = scores.topk(min(k, scores.numel()))
+    return [{"label": int(j), "class": class_names[j] if j < len(class_names) else str(int(j)),
+             "score": round(float(s), 4)} for s, j in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def draw_classification(image: Tensor, output: dict[str, Tensor], *, class_names: Sequence[str] = ()) -> Tensor:
+    """uint8 image ``Tensor[3, H, W]`` with its top-5 classes and scores written at the top left; images
+    under 160 px on a side are enlarged (nearest neighbour, by a whole factor) so the text fits."""
+    img = _to_uint8(image)
+    factor = -(-160 // max(1, min(img.shape[1:])))
+    if factor > 1:  # [3, H, W] -> [3, H * f, W * f]
+        img = img.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+    top = top_classes(output, class_names)
+    font, _ = _font(img.shape[1], img.shape[2])
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())  # CHW -> HWC
+    draw = ImageDraw.Draw(pil)
+    line = draw.textbbox((0, 0), "Hg", font=font)[3] + 2
+    for i, entry in enumerate(top):
+        text = f"{entry['class']} {entry['score']:.2f}"
+        box = draw.textbbox((2, 2 + i * line), text, font=font)
+        draw.rectangle((0, box[1] - 1, box[2] + 2, box[3] + 1), fill=(255, 255, 255) if i == 0 else (0, 0, 0))
+        draw.text((2, 2 + i * line), text, fill=(0, 0, 0) if i == 0 else (255, 255, 255), font=font)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)  # HWC -> CHW
+
+
 def draw_predictions(image: Tensor, output: dict[str, Tensor], *, class_names: Sequence[str] = (),
                      score_thresh: float = 0.5) -> Tensor:
     """Image ``Tensor[3, H, W]`` (float in [0, 1] or uint8) with boxes, ``label score`` captions and
@@ -109,12 +146,14 @@ def draw_predictions(image: Tensor, output: dict[str, Tensor], *, class_names: S
     Masks are ``masks`` (Tensor[D, 1, H, W] probabilities) or ``mask_rles`` (one COCO RLE per detection, as
     ``tools/infer.py`` keeps them for large images). A panoptic output (``panoptic_seg``) is drawn by
     :func:`draw_panoptic`, a semantic one (``sem_seg``) by :func:`draw_semantic` (``class_names`` index class
-    ids)."""
+    ids), a classifier's by :func:`draw_classification` (``class_names`` index labels 0..K-1)."""
     img = _to_uint8(image)
     if "panoptic_seg" in output:
         return draw_panoptic(img, output["panoptic_seg"], output["segments_info"], class_names=class_names)
     if "sem_seg" in output:
         return draw_semantic(img, output["sem_seg"], class_names=class_names)
+    if is_classification(output):
+        return draw_classification(img, output, class_names=class_names)
     keep = output["scores"].cpu() >= score_thresh
     boxes = output["boxes"].cpu()[keep]
     labels = output["labels"].cpu()[keep].tolist()
@@ -226,6 +265,8 @@ def _count_drawn(output: dict[str, Any], score_thresh: float) -> int:
         return len(output["segments_info"])
     if "sem_seg" in output:
         return int((output["sem_seg"] != 0).any())
+    if is_classification(output):
+        return int(output["scores"].max() >= score_thresh)
     return int((output["scores"] >= score_thresh).sum())
 
 
@@ -347,6 +388,8 @@ def _result_entry(path: Path, output: dict[str, Any], class_names: Sequence[str]
         fractions = {(class_names[k] if k < len(class_names) else str(k)): round(int(n) / sem.numel(), 5)
                      for k, n in zip(ids.tolist(), counts.tolist()) if k != 255}
         return {"file": str(path), "size": list(sem.shape), "class_fractions": fractions}
+    if is_classification(output):
+        return {"file": str(path), "top5": top_classes(output, class_names)}
     keep = output["scores"] >= score_thresh
     dets = []
     for j in torch.nonzero(keep).flatten().tolist():
@@ -373,8 +416,8 @@ def predict_files(model: nn.Module, files: Sequence[Path], out_dir: str | os.Pat
     H × W pixels never needs D × H × W floats (:mod:`resdet.engine.compact_masks`).
 
     Args:
-        class_names: detectors and panoptic models: label k is ``class_names[k - 1]``; semantic models:
-            one name per class id.
+        class_names: detectors and panoptic models: label k is ``class_names[k - 1]``; semantic models and
+            classifiers: one name per class id.
         label_to_cat_id: the model's label space (label → dataset category id); None: labels are the ids.
 
     Returns:
@@ -383,6 +426,7 @@ def predict_files(model: nn.Module, files: Sequence[Path], out_dir: str | os.Pat
         least ``score_thresh``; for semantic models ``class_fractions`` instead, the share of pixels per class;
         for panoptic models ``segments`` — ``id``, ``label``, ``category_id``, ``class``, ``isthing``, ``area``,
         ``score`` (things) and ``segmentation`` RLE;
+        for classifiers ``top5``, the five best classes with ``label``, ``class`` and ``score``;
         the files that could not be decoded, each as ``"path: reason"``, skipped).
     """
     out_dir = Path(out_dir)

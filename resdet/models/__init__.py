@@ -2,11 +2,13 @@
 builds one from a config.
 
 ``faster_rcnn()`` / ``mask_rcnn()`` build detectors with torchvision's default settings, ``semantic_fpn()``
-a semantic FPN, ``panoptic_fpn()`` a Panoptic FPN; each is registered under its ``model.arch`` name (``registry.py``), and
+a semantic FPN, ``panoptic_fpn()`` a Panoptic FPN, ``classifier()`` an image classifier on any resdet
+backbone; each is registered under its ``model.arch`` name (``registry.py``), and
 ``build_model(cfg)`` builds the one a config names. ``from_torchvision()`` turns a torchvision Faster /
 Mask R-CNN (model or checkpoint) into an equivalent resdet detector.
 """
 from .builders import faster_rcnn, mask_rcnn
+from .classifier import ClassificationTransform, ImageClassifier, classifier
 from .panoptic_fpn import PanopticFPN, combine_panoptic, panoptic_fpn
 from .panoptic_transform import PanopticTransform
 from .rcnn import GeneralizedRCNN
@@ -17,8 +19,10 @@ from .transform import DetectionTransform
 from .validation import validate_inputs
 
 __all__ = [
+    "ClassificationTransform",
     "DetectionTransform",
     "GeneralizedRCNN",
+    "ImageClassifier",
     "PanopticFPN",
     "PanopticTransform",
     "SemSegTransform",
@@ -28,6 +32,7 @@ __all__ = [
     "arch_options",
     "arch_task",
     "build_model",
+    "classifier",
     "combine_panoptic",
     "convert_torchvision_state_dict",
     "faster_rcnn",
