@@ -8,7 +8,8 @@ from timm.utils import accuracy as timm_accuracy
 from torchvision.transforms import v2 as T
 
 from resdet.config import load_config
-from resdet.engine.pretrained import load_pretrained
+from resdet.engine.checkpoint import CheckpointError
+from resdet.engine.pretrained import load_complete, load_pretrained
 from resdet.evaluation import ClassificationEvaluator
 from resdet.models import arch_task, build_model, classifier
 from resdet.models.validation import InvalidInput
@@ -97,8 +98,8 @@ def test_torchvision_imagenet_checkpoint_classifies_as_torchvision(tmp_path):
             m.running_var.uniform_(0.5, 1.5)
     torch.save(tv.state_dict(), tmp_path / "resnet18.pth")
     model = classifier("resnet18", num_classes=1000, channels_last=False)
-    report = load_pretrained(model, tmp_path / "resnet18.pth")
-    assert not report.missing and not report.skipped and "fc.weight" in report.loaded
+    report = load_complete(model, tmp_path / "resnet18.pth")  # what tools/test.py uses: every tensor filled
+    assert not report.unfilled and not report.skipped and "fc.weight" in report.loaded
     image = torch.rand(3, 64, 64)
     normalize = T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     with torch.no_grad():
@@ -108,6 +109,8 @@ def test_torchvision_imagenet_checkpoint_classifies_as_torchvision(tmp_path):
     ten = classifier("resnet18", num_classes=10)  # another class count: the fc is skipped, the trunk loads
     report = load_pretrained(ten, tmp_path / "resnet18.pth")
     assert [k for k, _, _ in report.skipped] == ["fc.weight", "fc.bias"]
+    with pytest.raises(CheckpointError, match="would be random"):
+        load_complete(classifier("resnet18", num_classes=10), tmp_path / "resnet18.pth")
 
 
 def test_channels_last_gives_the_same_outputs():

@@ -182,7 +182,8 @@ def load_complete(model: nn.Module, path: str | os.PathLike, *, key: str = "--ch
     """
     report = load_pretrained(model, path)
     path = os.fspath(path)
-    if report.source == "imagenet_backbone":
+    if report.source == "imagenet_backbone" and (report.unfilled or report.skipped):  # an image classifier whose
+        # fc the ImageNet checkpoint also filled is complete
         raise CheckpointError(
             f"{key}: checkpoint {path!r} holds an ImageNet backbone only ({len(report.loaded)} tensors): the rest "
             f"of the model ({mismatch_summary([], report.unfilled)}) would be random; it can start a training "
