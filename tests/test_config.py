@@ -2,11 +2,14 @@
 name the key and suggest the closest valid one."""
 from __future__ import annotations
 
+import ast
 import glob
 import os
+import pathlib
 
 import pytest
 
+import resdet.models  # noqa: F401  (registers the model.arch / model.options check with the config layer)
 from resdet.config import (
     Config,
     ConfigError,
@@ -189,3 +192,13 @@ def test_registered_arch_is_buildable_from_a_config(monkeypatch):
 def test_build_model_moved_to_the_registry():
     with pytest.raises(ImportError, match="resdet.models.build_model"):
         from resdet.config import build_model  # noqa: F401
+
+
+def test_config_layer_imports_no_model_code():
+    """resdet/config/ reads and checks configs; the model registry adds its own check (model.arch, model.options)."""
+    for path in pathlib.Path(REPO, "resdet", "config").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[:2] in (["resdet", "models"], ["resdet", "heads"], ["resdet", "backbones"])
+                           or n.split(".")[0] in ("torch", "torchvision") for n in names), (path.name, names)

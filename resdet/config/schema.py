@@ -2,11 +2,12 @@
 
 This is where a config key is defined and checked. Each key is a dataclass field whose annotation is its
 type (``Annotated[int, Min(1)]`` adds a lower bound); :func:`set_key` converts and checks one dotted key,
-:func:`validate_config` the keys that depend on one another (``model.arch`` against the registered
-builders, ``model.options`` against that builder's signature). An unknown key or a value of the wrong
-type raises :class:`ConfigError` naming the key and the closest valid key. Reading YAML files and
-``key=value`` overrides is :mod:`resdet.config.loading`'s job; building the model
-:func:`resdet.models.build_model`'s.
+:func:`validate_config` runs the checks of keys that depend on one another, which the layers that own
+them register with :func:`add_config_check` (the model registry checks ``model.arch`` against the
+registered builders and ``model.options`` against that builder's signature, once ``resdet.models`` is
+imported: this layer imports no model code). An unknown key or a value of the wrong type raises
+:class:`ConfigError` naming the key and the closest valid key. Reading YAML files and ``key=value``
+overrides is :mod:`resdet.config.loading`'s job; building the model :func:`resdet.models.build_model`'s.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -32,6 +34,9 @@ __all__ = [
     "Config",
     "set_key",
     "validate_config",
+    "add_config_check",
+    "coerce_value",
+    "did_you_mean",
 ]
 
 
@@ -360,36 +365,31 @@ def set_key(root: Any, key: str, value: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 # validation of keys that depend on each other
 
+_CHECKS: list[Callable[[Config], None]] = []
+
+
+def add_config_check(check: Callable[[Config], None]) -> Callable[[Config], None]:
+    """Registers ``check(cfg)`` (raising :class:`ConfigError`, or converting values in place) with
+    :func:`validate_config`; returns it, so it can decorate. Registering the same function twice is harmless."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
+    return check
+
+
 def validate_config(cfg: Config) -> Config:
-    """Checks what depends on more than one key; returns ``cfg``, with ``model.options`` converted.
-
-    ``model.arch`` must be a registered architecture and every ``model.options`` entry a keyword of its
-    builder, of the annotated type. Raises :class:`ConfigError` naming the key.
-    """
-    from resdet.models.registry import arch_names, arch_options, renamed_options  # imports torch
-
-    m = cfg.model
-    if m.arch not in arch_names():
-        raise ConfigError(f"model.arch: {m.arch!r} is not one of {', '.join(arch_names())}"
-                          f"{_did_you_mean(m.arch, arch_names())}")
-    accepted = arch_options(m.arch)
-    for name in list(m.options):
-        key = f"model.options.{name}"
-        if name == "backbone":
-            raise ConfigError(f"{key}: set model.backbone instead")
-        if name in accepted:
-            tp = accepted[name]
-            if _checkable(tp):
-                m.options[name] = _coerce(m.options[name], tp, key)
-            continue
-        renamed = renamed_options(m.arch)
-        if name in renamed:
-            raise ConfigError(f"{key}: renamed to 'model.options.{renamed[name]}'")
-        owners = [a for a in arch_names() if a != m.arch and name in arch_options(a)]
-        if owners:
-            raise ConfigError(f"{key}: model.arch={m.arch!r} has no option {name!r} (it is an option of "
-                              f"{', '.join(owners)}); remove it or change model.arch")
-        hint = _did_you_mean(name, sorted(accepted))
-        hint = hint.replace("'", "'model.options.", 1) if hint else ""
-        raise ConfigError(f"unknown config key '{key}' for model.arch={m.arch!r}{hint}")
+    """Runs the registered checks of keys that depend on one another (:func:`add_config_check`); returns ``cfg``
+    (with ``model.options`` converted to the builder's types once the model registry's check has run)."""
+    for check in _CHECKS:
+        check(cfg)
     return cfg
+
+
+def coerce_value(value: Any, tp: Any, key: str) -> Any:
+    """``value`` converted to the annotated type ``tp`` as :func:`set_key` converts (a type it cannot check
+    passes unchanged); :class:`ConfigError` naming ``key`` otherwise."""
+    return _coerce(value, tp, key) if _checkable(tp) else value
+
+
+def did_you_mean(key: str, candidates: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for the candidate closest to ``key``, or ``""``."""
+    return _did_you_mean(key, candidates)

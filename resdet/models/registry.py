@@ -5,7 +5,8 @@ A builder is a function ``builder(backbone, num_classes, *, option=default, ...)
 against its signature (names and annotated types) when a config is loaded, so a misspelt option or one
 the architecture does not have fails before anything is built::
 
-    @register_arch("my_rcnn", task="detection", extends=(faster_rcnn,))   # my_rcnn(..., **options) forwards to faster_rcnn
+    # my_rcnn(..., **options) forwards to faster_rcnn
+    @register_arch("my_rcnn", task="detection", extends=(faster_rcnn,))
     def my_rcnn(backbone: str = "resnet50", num_classes: int = 91, *, extra: int = 4, **options): ...
 
 Then ``model.arch=my_rcnn`` works in every config and tool.
@@ -20,8 +21,10 @@ from typing import Any
 
 from torch import nn
 
+from resdet.config.schema import ConfigError, add_config_check, coerce_value, did_you_mean
+
 __all__ = ["TASKS", "register_arch", "arch_names", "arch_task", "get_arch", "arch_options", "renamed_options",
-           "check_typed_keys", "build_model"]
+           "check_model_config", "check_typed_keys", "build_model"]
 
 TASKS = ("detection", "instance", "semantic", "panoptic", "classification")
 """What an architecture predicts, which decides its evaluator, drawing and checkpoint checks:
@@ -133,8 +136,6 @@ def check_typed_keys(model_cfg: Any) -> None:
     Raises:
         ConfigError: naming the key, its value and the architecture (and those that use the key).
     """
-    from resdet.config import ConfigError
-
     accepted = arch_options(model_cfg.arch)
     defaults = type(model_cfg)()
     for key in _TYPED_KEYS:
@@ -146,6 +147,37 @@ def check_typed_keys(model_cfg: Any) -> None:
                           f"{', '.join(users) or 'no registered arch'}); remove it or change model.arch")
 
 
+@add_config_check
+def check_model_config(cfg: Any) -> None:
+    """``model.arch`` must be a registered architecture and every ``model.options`` entry a keyword of its
+    builder, of the annotated type (converted in place). Raises :class:`~resdet.config.ConfigError` naming
+    the key. Registered with the config layer, so that loading a config runs it once this module is imported
+    (the tools import it before loading), and run again by :func:`build_model`.
+    """
+    m = cfg.model
+    names = arch_names()
+    if m.arch not in names:
+        raise ConfigError(f"model.arch: {m.arch!r} is not one of {', '.join(names)}{did_you_mean(m.arch, names)}")
+    accepted = arch_options(m.arch)
+    for name in list(m.options):
+        key = f"model.options.{name}"
+        if name == "backbone":
+            raise ConfigError(f"{key}: set model.backbone instead")
+        if name in accepted:
+            m.options[name] = coerce_value(m.options[name], accepted[name], key)
+            continue
+        renamed = renamed_options(m.arch)
+        if name in renamed:
+            raise ConfigError(f"{key}: renamed to 'model.options.{renamed[name]}'")
+        owners = [a for a in names if a != m.arch and name in arch_options(a)]
+        if owners:
+            raise ConfigError(f"{key}: model.arch={m.arch!r} has no option {name!r} (it is an option of "
+                              f"{', '.join(owners)}); remove it or change model.arch")
+        hint = did_you_mean(name, sorted(accepted))
+        hint = hint.replace("'", "'model.options.", 1) if hint else ""
+        raise ConfigError(f"unknown config key '{key}' for model.arch={m.arch!r}{hint}")
+
+
 def build_model(cfg: Any) -> nn.Module:
     """Builds ``cfg.model.arch`` from a :class:`resdet.config.Config`.
 
@@ -154,6 +186,7 @@ def build_model(cfg: Any) -> nn.Module:
     it has no keyword for (e.g. the RPN settings for ``semantic_fpn``) must keep its default
     (:func:`check_typed_keys`).
     """
+    check_model_config(cfg)
     m = cfg.model
     check_typed_keys(m)
     builder = get_arch(m.arch)
