@@ -13,10 +13,18 @@ import pytest
 import torch
 from torch import nn
 
-from resdet.export import (ExportError, OnnxPredictor, TorchScriptPredictor, example_image, exportable, to_onnx,
-                           to_torchscript)
+from resdet.export import (
+    ExportError,
+    OnnxPredictor,
+    TorchScriptPredictor,
+    example_image,
+    exportable,
+    to_onnx,
+    to_torchscript,
+)
 from resdet.models import faster_rcnn, mask_rcnn, semantic_fpn
-from tool_loader import load_tool
+
+from helpers import load_tool
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -281,13 +289,3 @@ def test_infer_images_onnx_draws_like_the_checkpoint_path(mask_model, mask_onnx,
     assert len(out["results"][0]["detections"]) == int((expected["scores"] >= 0.3).sum()) > 0
     assert out["skipped"] == [] and out["failed"] == []
     assert (tmp_path / "out" / "a.png").is_file() and (tmp_path / "out" / "detections.json").is_file()
-
-
-def test_bench_onnxruntime_smoke():
-    from resdet.export import bench_onnxruntime, format_latency_rows
-
-    rows = bench_onnxruntime("faster", "resnet18", size=(64, 80), iters=1, warmup=0, torchvision=False,
-                             settings=dict(rpn_post_nms_top_n_test=30))
-    assert [r.runner for r in rows] == ["resdet pytorch", "resdet onnxruntime"]
-    assert rows[0].ratio == 1.0 and rows[1].detections == rows[0].detections > 0
-    assert "onnxruntime" in format_latency_rows(rows)

@@ -2,7 +2,8 @@
 
 Prints resdet/torchvision ratios of inference latency (resdet as built and after
 ``optimize_for_inference()``), training step time, peak memory, FLOPs, achieved GFLOP/s against a GEMM
-of the same run, and the MultiScaleRoIAlign operator, as a markdown table (logic in ``resdet.benchmark``).
+of the same run, and the MultiScaleRoIAlign operator, as a markdown table (logic in ``tools/bench/``).
+``--tune`` instead re-measures the sizes from which resdet's fast kernels pay on this machine.
 
 Examples::
 
@@ -10,38 +11,42 @@ Examples::
     python tools/benchmark.py --arch faster mask --depth 34 50 --iters 7
     python tools/benchmark.py --train 2x800x1066 --sizes 800x1066 --threads 2
     python tools/benchmark.py --device cuda --amp
+    python tools/benchmark.py --tune --threads 2 --tune-out thresholds.json  # RESDET_FAST_PATHS_THRESHOLDS=...
 """
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import importlib
+import importlib.util
 import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
 
 
-def _size(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers joined by 'x' (HxW or BxHxW), got {text!r}") from None
-
-
-def _train(text: str) -> tuple[int, int, int]:
-    value = _size(text)
-    if len(value) != 3:
-        raise argparse.ArgumentTypeError(f"training step must look like BATCHxHEIGHTxWIDTH, got {text!r}")
-    return value
+def bench(name: str):
+    """``tools/bench/<name>.py``: the harness lives next to this script, outside the installed library."""
+    if "resdet_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("resdet_bench", HERE / "bench" / "__init__.py",
+                                                      submodule_search_locations=[str(HERE / "bench")])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["resdet_bench"] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"resdet_bench.{name}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    cli = bench("cli")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", nargs="+", default=["mask"], choices=["faster", "mask"])
     p.add_argument("--depth", "--backbone", dest="depth", nargs="+", default=["resnet34"],
                    help="backbones: 34, r50, resnet101 ... (--backbone is the same option)")
-    p.add_argument("--sizes", nargs="*", type=_size, default=[(800, 1066), (320, 427)],
+    p.add_argument("--sizes", nargs="*", type=cli.size, default=[(800, 1066), (320, 427)],
                    help="inference image sizes HxW (the model's min_size is set to the short side); none: skip")
     p.add_argument("--iters", type=int, default=5, help="timed inference iterations per model (median)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--train", nargs="*", type=_train, default=[(2, 800, 1066), (2, 512, 683), (4, 320, 427)],
+    p.add_argument("--train", nargs="*", type=cli.train_step, default=[(2, 800, 1066), (2, 512, 683), (4, 320, 427)],
                    help="training steps BxHxW to time; none: skip")
     p.add_argument("--train-iters", type=int, default=3)
     p.add_argument("--measure", nargs="+", default=["infer", "train", "memory", "flops", "roi_align"],
@@ -55,51 +60,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="resdet without any of its fast kernels (resdet.fast_paths(False))")
     p.add_argument("--onnx", action="store_true",
                    help="also time the ONNX export in onnxruntime against resdet and torchvision in PyTorch")
+    p.add_argument("--tune", action="store_true",
+                   help="only re-measure the fast-path thresholds for this machine and print them")
+    p.add_argument("--tune-out", default=None, help="with --tune: write the thresholds to this JSON file")
     p.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # internal: the memory child's output
     return p.parse_args(argv)
-
-
-def _without_measure(argv: list[str]) -> list[str]:
-    """argv minus ``--measure`` and its values (the memory child gets its own)."""
-    out, skipping = [], False
-    for a in argv:
-        if a == "--measure":
-            skipping = True
-            continue
-        if skipping and not a.startswith("--"):
-            continue
-        skipping = False
-        out.append(a)
-    return out
-
-
-def _memory_rows_in_child(argv: list[str]) -> list:
-    """The peak-memory rows, measured by this script in a child process whose allocator maps every large
-    tensor (so freed memory leaves the process and peak RSS tracks live memory). Timings stay in this
-    process, under the allocator users run with."""
-    import json
-    import subprocess
-    import tempfile
-
-    from resdet.benchmark import Row
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.json")
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        command = [sys.executable, __file__, *argv, "--measure", "memory", "--rows-json", out]
-        subprocess.run(command, env=env, check=True)
-        with open(out) as f:
-            rows = [Row(**r) for r in json.load(f)]
-    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    import contextlib
+    import torch
 
     import resdet
 
+    if args.threads:
+        torch.set_num_threads(args.threads)  # before the first NNPACK call, which sizes its thread pool
+    if args.tune:
+        tune = bench("tune")
+        table, rows = tune.tune_thresholds(iters=max(args.iters, 3))
+        print(tune.format_tune_rows(rows, table))
+        if args.tune_out:
+            tune.write_thresholds(table, args.tune_out)
+            print(f"wrote {args.tune_out}: use it with RESDET_FAST_PATHS_THRESHOLDS={args.tune_out}")
+        return
     switch = contextlib.nullcontext()
     if args.no_fast_paths or args.no_winograd:
         switch = resdet.fast_paths(False, *(() if args.no_fast_paths else ("winograd",)))
@@ -110,56 +94,48 @@ def main(argv: list[str] | None = None) -> None:
 def _run(args: argparse.Namespace, argv: list[str]) -> None:
     import torch
 
-    from resdet import benchmark
-
-    if args.threads:
-        torch.set_num_threads(args.threads)  # before the first NNPACK call, which sizes its thread pool
+    harness, cli = bench("harness"), bench("cli")
     child = args.rows_json is not None
     measure = tuple(args.measure)
     memory_rows = []
     if "memory" in measure and not child:
-        memory_rows = _memory_rows_in_child(_without_measure(argv))
+        memory_rows = cli.memory_rows_in_child(__file__, cli.without_measure(argv))
         measure = tuple(m for m in measure if m != "memory")
     if not child:
         print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, amp {args.amp}, "
               f"winograd {not (args.no_winograd or args.no_fast_paths)}, fast paths {not args.no_fast_paths}")
-    gemm = None if child else benchmark.gemm_gflops(torch.device(args.device))
+    gemm = None if child else harness.gemm_gflops(torch.device(args.device))
     rows = []
     for arch in args.arch:
         for depth in args.depth:
-            new = benchmark.benchmark_pair(
+            new = harness.benchmark_pair(
                 arch, depth, sizes=tuple(args.sizes), iters=args.iters, warmup=args.warmup, train=tuple(args.train),
                 train_iters=args.train_iters, device=args.device, amp=args.amp, measure=measure,
             )
             if child:
                 rows += [r for r in new if "mem" in r.metric]
                 continue
-            print(benchmark.format_rows(new), flush=True)
+            print(harness.format_rows(new), flush=True)
             rows += new
     if child:
-        import dataclasses
-        import json
-
-        with open(args.rows_json, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in rows], f)
+        cli.write_rows(rows, args.rows_json)
         return
     rows += memory_rows
     if memory_rows:
-        print(benchmark.format_rows(memory_rows), flush=True)
+        print(harness.format_rows(memory_rows), flush=True)
     if "roi_align" in measure:
-        rows.append(benchmark.bench_multiscale_roi_align(device=args.device))
+        rows.append(harness.bench_multiscale_roi_align(device=args.device))
     print("\nratio = resdet / torchvision; < 1 means resdet is faster / smaller\n")
-    print(benchmark.format_markdown(rows, gemm))
+    print(harness.format_markdown(rows, gemm))
     if args.onnx:
-        from resdet.export import bench_onnxruntime, format_latency_rows
-
+        onnx = bench("onnx_runtime")
         for arch in args.arch:
-            for depth in map(benchmark.normalize_depth, args.depth):
+            for depth in map(harness.normalize_depth, args.depth):
                 for h, w in args.sizes:
-                    rows = bench_onnxruntime(arch, depth, size=(h, w), iters=args.iters, warmup=args.warmup,
-                                             threads=args.threads)
+                    rows = onnx.bench_onnxruntime(arch, depth, size=(h, w), iters=args.iters, warmup=args.warmup,
+                                                  threads=args.threads)
                     title = f"\n{arch}_rcnn_{depth}_fpn {h}x{w} (ratio = runner / resdet pytorch)"
-                    print(format_latency_rows(rows, title))
+                    print(onnx.format_latency_rows(rows, title))
 
 
 if __name__ == "__main__":

@@ -6,24 +6,31 @@
 largest difference to the PyTorch model. :class:`OnnxPredictor` runs an ONNX file with onnxruntime
 behind the PyTorch model's interface. onnx / onnxruntime come with ``pip install -e ".[export]"``.
 """
-from .exporters import (DEFAULT_OPSET, CheckReport, ExportError, OneImageModel, check_opset, check_outputs,
-                        example_image, exportable, to_onnx, to_torchscript)
-from .runtime import LatencyRow, OnnxPredictor, TorchScriptPredictor, bench_onnxruntime, format_latency_rows
+from .exporters import (
+    DEFAULT_OPSET,
+    CheckReport,
+    ExportError,
+    OneImageModel,
+    check_opset,
+    check_outputs,
+    example_image,
+    exportable,
+    to_onnx,
+    to_torchscript,
+)
+from .runtime import OnnxPredictor, TorchScriptPredictor
 
 __all__ = [
     "DEFAULT_OPSET",
     "CheckReport",
     "ExportError",
-    "LatencyRow",
     "OneImageModel",
     "OnnxPredictor",
     "TorchScriptPredictor",
-    "bench_onnxruntime",
     "check_opset",
     "check_outputs",
     "example_image",
     "exportable",
-    "format_latency_rows",
     "to_onnx",
     "to_torchscript",
 ]

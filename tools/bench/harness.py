@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Row", "bench_multiscale_roi_align", "benchmark_pair", "build_pair", "format_markdown", "format_rows",
-    "gemm_gflops", "normalize_depth",
+    "gemm_gflops", "interleaved_times", "normalize_depth",
 ]
 
 
@@ -84,8 +84,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _interleaved_times(fns: list[Callable[[], object]], iters: int, warmup: int, device: torch.device) -> list[float]:
-    """Median seconds per call of each fn, calls alternating between the fns."""
+def interleaved_times(fns: list[Callable[[], object]], iters: int, warmup: int, device: torch.device) -> list[float]:
+    """Median seconds per call of each fn, calls alternating between the fns (so background load hits all alike)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -177,7 +177,7 @@ def _synthetic_targets(n: int, h: int, w: int, masks: bool, device: torch.device
 def gemm_gflops(device: torch.device, n: int = 2048, iters: int = 5) -> float:
     """Achieved GFLOP/s of a plain float32 n×n matrix product: the machine's reference for the models."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    (t,) = _interleaved_times([lambda: a @ b], iters, 1, device)
+    (t,) = interleaved_times([lambda: a @ b], iters, 1, device)
     return 2 * n**3 / t / 1e9
 
 
@@ -244,7 +244,7 @@ def benchmark_pair(
         ndet = len(fns[0]()[0]["boxes"])
         flops = [count_flops(fn) / 1e9 for fn in fns] if "flops" in measure else None
         if "infer" in measure:
-            t = _interleaved_times(fns, iters, warmup, dev)
+            t = interleaved_times(fns, iters, warmup, dev)
             for k, kind in ((0, "as built"), (1, "optimized")):
                 extra = {"detections": ndet, "gflop": (flops[k], flops[2])} if flops else {"detections": ndet}
                 rows.append(Row(name, f"infer {h}x{w} {kind}", t[k] * 1e3, t[2] * 1e3, "ms", extra))
@@ -284,7 +284,7 @@ def benchmark_pair(
             if "train" in measure:
                 extra = {"gflop": tuple(count_flops(fn) / 1e9 for fn in fns)} if "flops" in measure else {}
                 # The FLOP count ran each step once already: it stands for one warm-up step.
-                t = _interleaved_times(fns, train_iters, max(0, warmup - bool(extra)), dev)
+                t = interleaved_times(fns, train_iters, max(0, warmup - bool(extra)), dev)
                 rows.append(Row(name, f"train step b{batch} {h}x{w}", t[0] * 1e3, t[1] * 1e3, "ms", extra))
             else:
                 for fn in fns:  # warm: first calls allocate caches the peak should not count
@@ -365,7 +365,7 @@ def bench_multiscale_roi_align(
         "num_rois": num_rois, "output_size": output_size, "batch": batch, "image_size": image_size,
     }
     del a, b, ga, gb
-    t = _interleaved_times(fns, iters, warmup, dev)
+    t = interleaved_times(fns, iters, warmup, dev)
     metric = f"roi_align fwd+bwd {num_rois}x{output_size}^2 b{batch} {h}x{w}"
     return Row("MultiScaleRoIAlign", metric, t[0] * 1e3, t[1] * 1e3, "ms", extra)
 
