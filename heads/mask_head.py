@@ -52,13 +52,19 @@ class MaskHead(nn.Sequential):
         self.out_channels = channels
         init_convs_msra(self)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
-        for i in range(len(self)):
-            for kind in ("weight", "bias"):
-                old = f"{prefix}mask_fcn{i + 1}.{kind}"
-                if old in state_dict:
-                    state_dict[f"{prefix}{i}.0.{kind}"] = state_dict.pop(old)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # State-dict layout version, torchvision's: 1 (torchvision < 0.13) named the convs ``mask_fcn{i+1}``.
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if local_metadata.get("version", 1) < 2:
+            for i in range(len(self)):
+                for kind in ("weight", "bias"):
+                    old = f"{prefix}mask_fcn{i + 1}.{kind}"
+                    if old in state_dict:
+                        state_dict[f"{prefix}{i}.0.{kind}"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class MaskPredictor(nn.Sequential):

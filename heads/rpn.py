@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
+from resdet.layers.box_ops import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from resdet.layers.conv import Conv2d
 from resdet.layers.tracing import at_most
 
 from .anchors import AnchorGenerator
-from resdet.layers.box_ops import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 
 __all__ = ["RPNHead", "RegionProposalNetwork"]
 
@@ -57,13 +57,18 @@ class RPNHead(nn.Module):
                 nn.init.normal_(layer.weight, std=0.01)
                 nn.init.constant_(layer.bias, 0)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
-        # Checkpoints from torchvision < 0.13 name the single shared conv ``conv`` instead of ``conv.0.0``.
-        for kind in ("weight", "bias"):
-            old = f"{prefix}conv.{kind}"
-            if old in state_dict:
-                state_dict[f"{prefix}conv.0.0.{kind}"] = state_dict.pop(old)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # State-dict layout version, torchvision's: 1 (torchvision < 0.13) named the single shared conv ``conv``.
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if local_metadata.get("version", 1) < 2:
+            for kind in ("weight", "bias"):
+                old = f"{prefix}conv.{kind}"
+                if old in state_dict:
+                    state_dict[f"{prefix}conv.0.0.{kind}"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Per level ``(Tensor[N, A, Hl, Wl] logits, Tensor[N, A * 4, Hl, Wl] deltas)``, as two lists.

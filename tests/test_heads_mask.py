@@ -62,6 +62,16 @@ def test_mask_modules_names_and_shapes():
     assert torch.equal(fresh[2][0].weight, head[2][0].weight)
 
 
+def test_mask_head_state_dict_version_decides_the_migration():
+    """mask_fcn{i} keys are renamed only for layouts older than version 2 (torchvision's versioning)."""
+    state = MaskHead(16, (16, 16)).state_dict()
+    assert state._metadata[""]["version"] == 2
+    old = type(state)({k.replace("0.0.", "mask_fcn1.").replace("1.0.", "mask_fcn2."): v for k, v in state.items()})
+    old._metadata = {"": {"version": 2}}  # a version-2 file with old names is an error, not a rename
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        MaskHead(16, (16, 16)).load_state_dict(old)
+
+
 def test_class_logits_equal_full_predictor_and_gradients():
     predictor = MaskPredictor(16, 8, 5)
     x = torch.randn(6, 16, 14, 14)

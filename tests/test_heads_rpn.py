@@ -65,6 +65,7 @@ def test_rpn_old_checkpoint_names_load():
     state = theirs.state_dict()
     state["head.conv.weight"] = state.pop("head.conv.0.0.weight")
     state["head.conv.bias"] = state.pop("head.conv.0.0.bias")
+    state._metadata["head"]["version"] = 1  # as torchvision < 0.13 wrote it
     ours.load_state_dict(state)
     assert torch.equal(ours.head.conv[0][0].weight, theirs.head.conv[0][0].weight)
 
@@ -117,3 +118,16 @@ def test_rpn_head_predictors_equal_the_two_convolutions(channels_last):
         t = head.conv(f)
         torch.testing.assert_close(logit, head.cls_logits(t), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(delta, head.bbox_pred(t), rtol=1e-5, atol=1e-5)
+
+
+def test_rpn_state_dict_version_decides_the_migration():
+    """Keys are renamed only for layouts older than version 2 (torchvision's versioning of RPNHead)."""
+    head = RPNHead(C, 3)
+    state = head.state_dict()
+    assert state._metadata[""]["version"] == 2
+    old = {("conv." + k[len("conv.0.0."):] if k.startswith("conv.0.0.") else k): v for k, v in state.items()}
+    RPNHead(C, 3).load_state_dict(old)  # no metadata: the old layout is migrated
+    old = type(state)(old)
+    old._metadata = {"": {"version": 2}}  # a version-2 file with a stray old key is an error, not a rename
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        RPNHead(C, 3).load_state_dict(old)
