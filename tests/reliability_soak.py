@@ -46,7 +46,8 @@ TINY = ["data.shapes.num_train=8", "data.shapes.num_val=4", "data.shapes.image_s
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    path = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def _train_cmd(root: Path, out: Path, extra: list[str], resume: bool = True) -> list[str]:

@@ -4,12 +4,12 @@ import torch
 from torch import nn
 
 from resdet.backbones import (
+    FPN,
     LEVELS,
     RESNETS,
+    BackboneWithFPN,
     BasicBlock,
     Bottleneck,
-    FPN,
-    BackboneWithFPN,
     FrozenBatchNorm2d,
     ResNet,
     ShapeSpec,
@@ -20,7 +20,8 @@ from resdet.backbones import (
 DEPTHS = ["resnet18", "resnet50"]  # a BasicBlock and a Bottleneck depth
 EXPECTED_C2 = {"resnet18": 64, "resnet50": 256}
 # Heavier checks (backward, scripting) use resnet18 and a one-block-per-stage Bottleneck ResNet.
-SMALL = {"resnet18": dict(block=BasicBlock, layers=[2, 2, 2, 2]), "bottleneck": dict(block=Bottleneck, layers=[1, 1, 1, 1])}
+SMALL = {"resnet18": dict(block=BasicBlock, layers=[2, 2, 2, 2]),
+         "bottleneck": dict(block=Bottleneck, layers=[1, 1, 1, 1])}
 
 
 def _small(name: str, **options) -> ResNet:

@@ -10,7 +10,8 @@ import torch
 from resdet.backbones.weights import WeightsUnavailableError, hub_cache_path, imagenet_url, load_checkpoint
 from resdet.config import ConfigError, load_config
 from resdet.engine.builders import build_dataset
-from tool_loader import load_tool
+
+from helpers import SPARSE, coco_arrays, load_tool, write_coco, write_voc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "coco", "*.yaml"))) + [
@@ -86,12 +87,11 @@ def keep_resdet_logger():
 
 def test_offline_train_exits_nonzero_before_training_without_traceback(monkeypatch, tmp_path, capsys,
                                                                         keep_resdet_logger):
-    from test_label_space import _arrays, _write_coco
 
     _offline(monkeypatch, tmp_path)
     out = {"boxes": torch.tensor([[4.0, 4, 40, 40]]), "labels": torch.tensor([1])}
     root = tmp_path / "coco"
-    _write_coco(str(root), [(_arrays(1)[0], out)], [(1, "person")])
+    write_coco(str(root), [(coco_arrays(1)[0], out)], [(1, "person")])
     os.symlink(root / "val2017", root / "train2017")
     os.symlink(root / "annotations" / "instances_val2017.json", root / "annotations" / "instances_train2017.json")
     rc = load_tool("train")(["--config", "configs/coco/faster_rcnn_r18_fpn_1x.yaml", f"data.root={root}",
@@ -103,10 +103,9 @@ def test_offline_train_exits_nonzero_before_training_without_traceback(monkeypat
 
 # ----------------------------------------------------------------------------- data checks at start
 def test_class_count_mismatch_is_one_clear_error(tmp_path):
-    from test_label_space import SPARSE, _arrays, _write_coco
 
     out = {"boxes": torch.tensor([[4.0, 4, 40, 40]]), "labels": torch.tensor([5])}
-    _write_coco(str(tmp_path), [(_arrays(1)[0], out)], SPARSE)
+    write_coco(str(tmp_path), [(coco_arrays(1)[0], out)], SPARSE)
     cfg = load_config("configs/coco/faster_rcnn_r18_fpn_1x.yaml", [f"data.root={tmp_path}"])  # says 81
     with pytest.raises(ConfigError, match=r"4 categories .* model.num_classes=81: set model.num_classes=5"):
         build_dataset(cfg, train=False)
@@ -118,10 +117,9 @@ def test_class_count_mismatch_is_one_clear_error(tmp_path):
 
 
 def test_missing_images_config_key(tmp_path):
-    from test_label_space import SPARSE, _arrays, _write_coco
 
     out = {"boxes": torch.tensor([[4.0, 4, 40, 40]]), "labels": torch.tensor([5])}
-    _write_coco(str(tmp_path), [(a, out) for a in _arrays(2)], SPARSE)
+    write_coco(str(tmp_path), [(a, out) for a in coco_arrays(2)], SPARSE)
     os.remove(tmp_path / "val2017" / "000001.png")
     cfg = load_config("configs/coco/faster_rcnn_r18_fpn_1x.yaml", [f"data.root={tmp_path}", "model.num_classes=5"])
     with pytest.raises(FileNotFoundError, match="000001.png"):
@@ -133,7 +131,6 @@ def test_missing_images_config_key(tmp_path):
 
 
 def test_voc2012_only_devkit_validates_on_2012(tmp_path):
-    from test_data_voc import write_voc
 
     root = write_voc(tmp_path / "VOCdevkit")
     (root / "VOC2012" / "ImageSets" / "Main" / "val.txt").write_text("2012_000002\n")

@@ -11,11 +11,12 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import FrozenBatchNorm2d
 
 import resdet.layers.winograd as winograd
-from helpers import resdet_ops
 from resdet import fast_paths
 from resdet.layers import policy
 from resdet.layers.conv import Conv2d
 from resdet.models import from_torchvision
+
+from helpers import resdet_ops
 
 needs_nnpack = pytest.mark.skipif(not policy.nnpack_usable(), reason="this PyTorch build has no NNPACK")
 

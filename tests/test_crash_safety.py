@@ -13,8 +13,8 @@ import torch
 
 from resdet.engine.checkpoint import CheckpointError, CheckpointManager, load_model_state
 from resdet.engine.trainer import Trainer, TrainingInterrupted
-from test_engine import tiny_cfg
-from tool_loader import load_tool
+
+from helpers import load_tool, tiny_cfg
 
 
 class _Evil:

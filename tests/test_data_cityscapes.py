@@ -3,43 +3,13 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 from pycocotools.coco import COCO
 
 from resdet.data import CITYSCAPES_THING_NAMES, CITYSCAPES_TRAIN_ID_NAMES, CityscapesDataset, CocoDataset
-from resdet.data.cityscapes_labels import LABELS, label_ids_to_train_ids
+from resdet.data.cityscapes_labels import label_ids_to_train_ids
 from resdet.data.convert import cityscapes_to_coco, write_json
-from tool_loader import load_tool
 
-ID = {label.name: label.id for label in LABELS}
-
-
-def write_cityscapes(root, split="train"):
-    """Two 32x64 frames in two cities: road/sky stuff, two cars, a person and a car group (crowd)."""
-    frames = [("aachen", "aachen_000000_000019"), ("bochum", "bochum_000000_000313")]
-    rng = np.random.default_rng(0)
-    for k, (city, stem) in enumerate(frames):
-        img_dir = root / "leftImg8bit" / split / city
-        gt_dir = root / "gtFine" / split / city
-        img_dir.mkdir(parents=True, exist_ok=True)
-        gt_dir.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(img_dir / f"{stem}_leftImg8bit.png")
-        label_ids = np.full((32, 64), ID["road"], np.uint8)
-        label_ids[:8] = ID["sky"]
-        label_ids[8:10] = ID["parking"]  # ignored in eval -> 255
-        label_ids[0, 0] = ID["ego vehicle"]
-        instance_ids = label_ids.astype(np.uint16)  # 16-bit PNG, as Cityscapes ships
-        if k == 0:
-            for i, (x1, x2) in enumerate([(2, 12), (20, 30)]):
-                label_ids[12:20, x1:x2] = ID["car"]
-                instance_ids[12:20, x1:x2] = ID["car"] * 1000 + i
-            label_ids[22:30, 40:44] = ID["person"]
-            instance_ids[22:30, 40:44] = ID["person"] * 1000
-            label_ids[22:26, 50:60] = ID["car"]
-            instance_ids[22:26, 50:60] = ID["car"]  # group region: value < 1000
-        Image.fromarray(label_ids).save(gt_dir / f"{stem}_gtFine_labelIds.png")
-        Image.fromarray(instance_ids).save(gt_dir / f"{stem}_gtFine_instanceIds.png")
-    return root
+from helpers import load_tool, write_cityscapes
 
 
 @pytest.fixture
@@ -104,5 +74,6 @@ def test_cityscapes_to_coco_round_trip(cs_root, tmp_path):
 
 
 def test_convert_tool(cs_root, tmp_path):
-    out = load_tool("convert_cityscapes_to_coco")(["--root", str(cs_root), "--split", "train", "--out", str(tmp_path / "o.json")])
+    out = load_tool("convert_cityscapes_to_coco")(["--root", str(cs_root), "--split", "train",
+                                                   "--out", str(tmp_path / "o.json")])
     assert len(COCO(out).getAnnIds()) == 4

@@ -15,7 +15,7 @@ def _sample(seed, height=64, width=96):
     for label, mask in objects:
         sem[mask] = label
     sem[0, :] = 255
-    target = {"boxes": masks_to_boxes(masks), "labels": np.array([l for l, _ in objects], np.int64),
+    target = {"boxes": masks_to_boxes(masks), "labels": np.array([label for label, _ in objects], np.int64),
               "masks": masks, "iscrowd": np.zeros(n, np.int64), "area": masks.sum(axis=(1, 2)).astype(np.float32),
               "difficult": np.arange(n) % 2 == 1, "sem_seg": sem, "image_id": seed}
     return image, target

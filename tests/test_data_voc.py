@@ -3,72 +3,13 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from resdet.data import VOC_CLASSES, CocoDataset, VOCDataset
 from resdet.data.convert import voc_to_coco, write_json
-from tool_loader import load_tool
 
-
-
-def _palette():
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-def _png(array, path):
-    image = Image.fromarray(array.astype(np.uint8), mode="P")
-    image.putpalette(_palette())
-    image.save(path)
-
-
-def _xml(width, height, objects):
-    body = "".join(
-        f"<object><name>{name}</name><difficult>{int(diff)}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
-        f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>" for name, diff, (x1, y1, x2, y2) in objects)
-    return (f"<annotation><size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
-            f"{body}</annotation>")
-
-
-def write_voc(root, *, bad_class=False):
-    """VOC2012 with two 48x64 images: 2012_000001 (person + difficult dog), 2012_000002 (two cats)."""
-    base = root / "VOC2012"
-    for sub in ("Annotations", "ImageSets/Main", "ImageSets/Segmentation", "JPEGImages", "SegmentationClass",
-                "SegmentationObject"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    objects = {
-        "2012_000001": [("person", False, (11, 6, 30, 40)), ("dog" if not bad_class else "dragon", True,
-                                                            (41, 21, 60, 45))],
-        "2012_000002": [("cat", False, (1, 1, 20, 20)), ("cat", False, (31, 11, 64, 48))],
-    }
-    rng = np.random.default_rng(0)
-    for file_id, objs in objects.items():
-        (base / "Annotations" / f"{file_id}.xml").write_text(_xml(64, 48, objs))
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(base / "JPEGImages" / f"{file_id}.jpg")
-        classes = np.zeros((48, 64), np.uint8)
-        instances = np.zeros((48, 64), np.uint8)
-        for k, (name, _, (x1, y1, x2, y2)) in enumerate(objs):
-            classes[y1 - 1:y2, x1 - 1:x2] = VOC_CLASSES.index(name) + 1 if name in VOC_CLASSES else 0
-            instances[y1 - 1:y2, x1 - 1:x2] = k + 1
-            # object outline drawn in 255, as VOC does
-            classes[y1 - 1, x1 - 1:x2] = 255
-            instances[y1 - 1, x1 - 1:x2] = 255
-        _png(classes, base / "SegmentationClass" / f"{file_id}.png")
-        _png(instances, base / "SegmentationObject" / f"{file_id}.png")
-    for sets in ("Main", "Segmentation"):
-        (base / "ImageSets" / sets / "train.txt").write_text("2012_000001\n2012_000002\n")
-    return root
+from helpers import load_tool, write_voc, write_voc_png
 
 
 @pytest.fixture
@@ -146,18 +87,20 @@ def test_voc_to_coco_round_trip(voc_root, tmp_path, task):
         dets = [dict(image_id=a["image_id"], category_id=a["category_id"], bbox=a["bbox"], score=1.0)
                 for a in coco.dataset["annotations"] if not a["iscrowd"]]
         ev = COCOeval(coco, coco.loadRes(dets), "bbox")
-        ev.evaluate(); ev.accumulate()
+        ev.evaluate()
+        ev.accumulate()
         ev.summarize()
         assert ev.stats[0] == pytest.approx(1.0)
 
 
 def test_convert_tool(voc_root, tmp_path):
-    out = load_tool("convert_voc_to_coco")(["--root", str(voc_root), "--year", "2012", "--split", "train", "--out", str(tmp_path / "o.json")])
+    out = load_tool("convert_voc_to_coco")(["--root", str(voc_root), "--year", "2012", "--split", "train",
+                                            "--out", str(tmp_path / "o.json")])
     assert len(COCO(out).getAnnIds()) == 4
 
 
 def test_instance_remove_empty(voc_root):
     base = voc_root / "VOC2012"
-    _png(np.zeros((48, 64), np.uint8), base / "SegmentationObject" / "2012_000002.png")
+    write_voc_png(np.zeros((48, 64), np.uint8), base / "SegmentationObject" / "2012_000002.png")
     assert len(VOCDataset(str(voc_root), "2012", "train", task="instance", remove_empty=True)) == 1
     assert len(VOCDataset(str(voc_root), "2012", "train", task="instance")) == 2

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 
-from test_data_cityscapes import write_cityscapes
-from tool_loader import load_tool
+from helpers import load_tool, write_cityscapes
 
 TINY = ["solver.max_iter=2", "solver.steps=[]", "solver.warmup_iters=0", "data.batch_size=2", "data.num_workers=0",
         "train.progress_bar=false", "train.num_vis_images=1", "model.backbone_weights=null"]
@@ -38,7 +37,8 @@ def test_cityscapes_mask_rcnn(tmp_path, capsys):
              "--out", str(root / "annotations" / f"instances_gtFine_{split}.json")])
     capsys.readouterr()
     results = _run_all("configs/cityscapes/mask_rcnn_r34_fpn.yaml",
-                       [f"data.root={root}", "model.weights=null", "data.batch_size=1", *DETECTOR_TINY], tmp_path / "out",
+                       [f"data.root={root}", "model.weights=null", "data.batch_size=1", *DETECTOR_TINY],
+                       tmp_path / "out",
                        root / "leftImg8bit" / "val" / "aachen", capsys, ["*bbox*", "*segm*"])
     assert all("segmentation" in d for r in results for d in r["detections"])
 

@@ -1,5 +1,6 @@
 """Engine: schedules, parameter groups, checkpoints, fine-tuning reports, and a tiny end-to-end run
-(train → checkpoint → resume; tools/test.py is exercised in test_tools.py) where the resumed run repeats the uninterrupted losses exactly."""
+(train → checkpoint → resume; tools/test.py is exercised in test_tools.py) where the resumed run repeats the
+uninterrupted losses exactly."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from resdet.config import apply_overrides, load_config
 from resdet.engine import checkpoint as ckpt_mod
 from resdet.engine.checkpoint import CheckpointManager
 from resdet.engine.lr_schedule import LRFactor, build_lr_scheduler
@@ -18,22 +18,7 @@ from resdet.engine.optim import build_optimizer, param_groups
 from resdet.engine.pretrained import load_pretrained
 from resdet.engine.trainer import Trainer, TrainingInterrupted
 
-
-def tiny_cfg(root, out, *overrides):
-    """A Mask R-CNN R18 small enough to run a few iterations in seconds on 64-px shapes."""
-    cfg = load_config("configs/shapes/mask_rcnn_r34_fpn.yaml")
-    return apply_overrides(cfg, [
-        f"data.root={root}", "data.shapes.num_train=6", "data.shapes.num_val=4", "data.shapes.image_size=64",
-        "data.batch_size=2", "data.test_batch_size=2", "data.num_workers=0",
-        "model.backbone=resnet18", "model.min_size=64", "model.max_size=64",
-        "model.rpn_pre_nms_top_n_train=100", "model.rpn_post_nms_top_n_train=50",
-        "model.rpn_pre_nms_top_n_test=50", "model.rpn_post_nms_top_n_test=20", "model.box_batch_size_per_image=16",
-        "model.options={fpn_out_channels: 32, box_representation_size: 64, mask_layers: [32], "
-        "mask_predictor_channels: 32}",
-        "solver.max_iter=4", "solver.steps=[3]", "solver.warmup_iters=2", "solver.lr=0.01",
-        f"train.output_dir={out}", "train.log_period=1", "train.checkpoint_period=2", "train.keep_last=5",
-        "train.num_vis_images=1", "train.progress_bar=false", *overrides,
-    ])
+from helpers import tiny_cfg
 
 
 def _losses(out, kind="train"):

@@ -28,14 +28,16 @@ SCRIPT = textwrap.dedent("""
         "model.min_size=64", "model.max_size=64", "model.rpn_pre_nms_top_n_train=100",
         "model.rpn_post_nms_top_n_train=50", "model.rpn_pre_nms_top_n_test=50", "model.rpn_post_nms_top_n_test=20",
         "model.box_batch_size_per_image=16",
-        "model.options={{fpn_out_channels: 32, box_representation_size: 64, mask_layers: [32], mask_predictor_channels: 32}}",
+        "model.options={{fpn_out_channels: 32, box_representation_size: 64, mask_layers: [32], "
+        "mask_predictor_channels: 32}}",
         "solver.max_iter=4", "solver.steps=[]", "solver.warmup_iters=0", "solver.lr=0.01", "train.device=cpu",
         f"train.output_dir={{out}}", "train.checkpoint_period=0", "train.num_vis_images=0", "train.progress_bar=false",
         "train.sync_bn=true", "eval.iou_types=[bbox]"])  # sync_bn: ignored with a warning on CPU
     trainer = Trainer(cfg)
     assert dist.get_world_size() == 2 and isinstance(trainer.ddp_model, torch.nn.parallel.DistributedDataParallel)
     metrics = trainer.train()
-    torch.save({{"model": trainer.model.state_dict(), "metrics": metrics, "steps": trainer.batches_done}}, os.path.join(out, f"rank{{dist.get_rank()}}.pt"))
+    torch.save({{"model": trainer.model.state_dict(), "metrics": metrics, "steps": trainer.batches_done}},
+               os.path.join(out, f"rank{{dist.get_rank()}}.pt"))
 
     # a signal that reaches rank 1 only, during the evaluation at iteration 1
     import signal

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 
 import resdet.layers.roi_align as roi_mod
 import resdet.layers.winograd as winograd
-from helpers import resdet_ops
 from resdet import fast_paths
 from resdet.layers import policy
 from resdet.layers.conv import Conv2d
 from resdet.layers.roi_align import pixel_table, roi_align
 from resdet.models import mask_rcnn
+
+from helpers import resdet_ops
 
 
 @pytest.fixture(autouse=True)

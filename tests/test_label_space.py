@@ -2,58 +2,21 @@
 torchvision's COCO checkpoints (label = COCO id), through the evaluator, checkpoints, fine-tuning and
 tools/test.py end to end on COCO-format data written here with the original ids."""
 import json
-import os
 
-import numpy as np
 import torch
-from PIL import Image
-from pycocotools import mask as mask_utils
 
 from resdet.data import CocoDataset, LabelSpace
 from resdet.data.label_space import remap_class_rows
 from resdet.engine.builders import dataset_metadata
-from tool_loader import load_tool
 
-SPARSE = [(5, "airplane"), (17, "cat"), (88, "teddy bear"), (90, "toothbrush")]
-
-
-def _rle(mask):
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
-def _write_coco(root, detections_per_image, categories, *, size=(96, 128), seed=0):
-    """COCO layout under ``root`` (val2017/, annotations/instances_val2017.json); ground truth = the given
-    detections (``[(image array, output dict with COCO-id labels)]``) or, with None outputs, no boxes."""
-    os.makedirs(os.path.join(root, "val2017"), exist_ok=True)
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    images, anns = [], []
-    for i, (array, output) in enumerate(detections_per_image):
-        Image.fromarray(array).save(os.path.join(root, "val2017", f"{i:06d}.png"))
-        images.append({"id": i + 1, "file_name": f"{i:06d}.png", "height": array.shape[0], "width": array.shape[1]})
-        for b, c, m in zip(output["boxes"].tolist(), output["labels"].tolist(), output.get("masks", [None] * 999)):
-            x1, y1, x2, y2 = b
-            ann = {"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c), "bbox": [x1, y1, x2 - x1, y2 - y1],
-                   "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
-            if m is not None:
-                ann["segmentation"] = _rle((m[0] >= 0.5).numpy())
-            anns.append(ann)
-    cats = [{"id": c, "name": n} for c, n in categories]
-    with open(os.path.join(root, "annotations", "instances_val2017.json"), "w") as f:
-        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
-
-
-def _arrays(n, size=(96, 128), seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 255, (*size, 3), dtype=np.uint8) for _ in range(n)]
+from helpers import SPARSE, coco_arrays, load_tool, write_coco
 
 
 # ------------------------------------------------------------------------------------------ unit pieces
 def test_sparse_ids_label_space_round_trips_through_a_weights_only_checkpoint(tmp_path):
-    arrays = _arrays(1)
+    arrays = coco_arrays(1)
     out = {"boxes": torch.tensor([[4.0, 4, 40, 40]]), "labels": torch.tensor([88])}
-    _write_coco(str(tmp_path), [(arrays[0], out)], SPARSE)
+    write_coco(str(tmp_path), [(arrays[0], out)], SPARSE)
     ds = CocoDataset(str(tmp_path / "val2017"), str(tmp_path / "annotations/instances_val2017.json"))
     space = LabelSpace.from_dataset(ds)
     assert space.cat_ids == (5, 17, 88, 90) and space.num_classes == 5 and space.name(4) == "toothbrush"
@@ -72,9 +35,9 @@ def test_torchvision_coco_space_is_the_coco_ids():
 def test_evaluator_writes_the_model_space_ids_and_drops_unmapped(tmp_path):
     from resdet.evaluation import COCOEvaluator
 
-    arrays = _arrays(1)
+    arrays = coco_arrays(1)
     gt = {"boxes": torch.tensor([[4.0, 4, 40, 40], [50, 10, 90, 60]]), "labels": torch.tensor([90, 17])}
-    _write_coco(str(tmp_path), [(arrays[0], gt)], SPARSE)
+    write_coco(str(tmp_path), [(arrays[0], gt)], SPARSE)
     ds = CocoDataset(str(tmp_path / "val2017"), str(tmp_path / "annotations/instances_val2017.json"))
     tv = LabelSpace.torchvision_coco()
     ev = COCOEvaluator(ds.coco, tv.label_to_cat_id(), iou_types=("bbox",), output_dir=str(tmp_path / "out"))
@@ -148,18 +111,19 @@ def test_torchvision_checkpoint_through_tools_test_gives_coco_ids(tmp_path, caps
     labels are read as COCO category ids (0.17 when they went through the contiguous mapping)."""
     tv = _small_tv_mask_rcnn()
     coco80 = [(i, n) for i, n in enumerate(LabelSpace.torchvision_coco().class_names, 1) if n != "N/A"]
-    arrays = _arrays(2)
+    arrays = coco_arrays(2)
     with torch.no_grad():
         outs = tv([torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays])
     used = {i for i, _ in coco80}
     gt = [(a, {k: v[(o["scores"] >= 0.5) & torch.isin(o["labels"], torch.tensor(sorted(used)))]
                for k, v in o.items()}) for a, o in zip(arrays, outs)]
     assert sum(len(o["boxes"]) for _, o in gt) > 0
-    _write_coco(str(tmp_path / "coco"), gt, coco80)
+    write_coco(str(tmp_path / "coco"), gt, coco80)
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
-    rc = load_tool("test")(["--config", "configs/coco/mask_rcnn_r50_fpn_1x.yaml", "--checkpoint", str(tmp_path / "tv.pth"),
-                        f"data.root={tmp_path / 'coco'}", f"train.output_dir={tmp_path / 'out'}",
-                        "--json", str(tmp_path / "m.json"), *TV_OVERRIDES])
+    rc = load_tool("test")(["--config", "configs/coco/mask_rcnn_r50_fpn_1x.yaml",
+                            "--checkpoint", str(tmp_path / "tv.pth"),
+                            f"data.root={tmp_path / 'coco'}", f"train.output_dir={tmp_path / 'out'}",
+                            "--json", str(tmp_path / "m.json"), *TV_OVERRIDES])
     assert rc == 0
     metrics = json.load(open(tmp_path / "m.json"))
     assert metrics["bbox/AP"] >= 0.99 and metrics["segm/AP"] >= 0.99
@@ -181,14 +145,14 @@ def test_resdet_model_on_sparse_ids_writes_them_back(tmp_path):
                         rpn_post_nms_top_n_test=50, box_detections_per_img=20, norm="frozen_bn", frozen_stages=2).eval()
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(1))
-    arrays = _arrays(2)
+    arrays = coco_arrays(2)
     with torch.no_grad():
         outs = model([torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays])
     sparse = dict(enumerate([c for c, _ in SPARSE], 1))
     gt = [(a, {"boxes": o["boxes"][o["scores"] >= 0.3],
                "labels": torch.tensor([sparse[int(x)] for x in o["labels"][o["scores"] >= 0.3]])})
           for a, o in zip(arrays, outs)]
-    _write_coco(str(tmp_path / "coco"), gt, SPARSE)
+    write_coco(str(tmp_path / "coco"), gt, SPARSE)
     space = LabelSpace.contiguous([c for c, _ in SPARSE], [n for _, n in SPARSE])
     torch.save({"resdet": "test", "model": model.state_dict(), "config": config_to_dict(cfg),
                 "label_space": space.to_dict()}, tmp_path / "model.pth")

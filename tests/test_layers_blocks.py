@@ -4,8 +4,8 @@ import torch
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from resdet.layers.norm import FrozenBatchNorm2d
 from resdet.layers.blocks import conv_norm_act, make_norm
+from resdet.layers.norm import FrozenBatchNorm2d
 
 
 @pytest.mark.parametrize("norm,kind", [(None, None), ("gn", nn.GroupNorm), ("frozen_bn", FrozenBatchNorm2d),

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from panoptic_fixtures import write_cityscapes_gtfine, write_coco_panoptic
 from resdet.data.convert import cityscapes_to_panoptic
 from resdet.data.image_io import ImageReadError
 from resdet.data.panoptic import CityscapesPanopticDataset, CocoPanopticDataset
 from resdet.data.panoptic_io import read_panoptic_png
-from tool_loader import load_tool
+
+from helpers import load_tool
+from helpers.panoptic import write_cityscapes_gtfine, write_coco_panoptic
 
 
 @pytest.fixture
@@ -112,7 +113,8 @@ def test_bad_panoptic_input_is_one_line_naming_file_and_id(tmp_path, case):
         error, match = ValueError, "000000000139.png \\(image id 139\\): segment id 77 is in segments_info but"
     elif case == "unknown_category":
         _edit_json(ann, lambda d: d["annotations"][0]["segments_info"][0].update(category_id=5))
-        error, match, build = ValueError, "panoptic_val2017.json: image 139, segment id 1000: unknown category_id 5", False
+        error, build = ValueError, False
+        match = "panoptic_val2017.json: image 139, segment id 1000: unknown category_id 5"
     elif case == "png_size":
         Image.fromarray(np.asarray(Image.open(png))[:-1]).save(png)
         error, match = ImageReadError, "000000000139.png' is 23x32 \\(HxW\\) but .*says 24x32 for image id 139"
@@ -138,7 +140,8 @@ def test_cityscapes_panoptic_errors_say_what_to_run(cs_root):
         CityscapesPanopticDataset(cs_root, "val")
     cityscapes_to_panoptic(cs_root, "train")
     os.remove(os.path.join(cs_root, "leftImg8bit", "train", "bochum", "bochum_000000_000313_leftImg8bit.png"))
-    with pytest.raises(FileNotFoundError, match="image id 'bochum_000000_000313' points at .*bochum_000000_000313_leftImg8bit.png"):
+    match = "image id 'bochum_000000_000313' points at .*bochum_000000_000313_leftImg8bit.png"
+    with pytest.raises(FileNotFoundError, match=match):
         CityscapesPanopticDataset(cs_root, "train")
     assert len(CityscapesPanopticDataset(cs_root, "train", missing_images="skip")) == 1
     assert read_panoptic_png(os.path.join(cs_root, "gtFine", "cityscapes_panoptic_train",

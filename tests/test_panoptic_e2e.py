@@ -8,9 +8,10 @@ import os
 
 import pytest
 
-from panoptic_fixtures import write_cityscapes_gtfine
 from resdet.evaluation import pq_compute
-from tool_loader import REPO, load_tool
+
+from helpers import REPO, load_tool
+from helpers.panoptic import write_cityscapes_gtfine
 
 TINY = ["solver.max_iter=2", "solver.steps=[]", "solver.warmup_iters=0", "data.batch_size=2", "data.num_workers=0",
         "train.progress_bar=false", "train.num_vis_images=1", "model.backbone_weights=null",

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from panoptic_fixtures import CATEGORIES, segments_of, write_random_dataset
 from resdet.evaluation import PanopticEvaluator, pq_compute
 from resdet.evaluation.panoptic import PQStat, pq_image_stat
+
+from helpers.panoptic import CATEGORIES, segments_of, write_random_dataset
 
 CATS = {c["id"]: c for c in CATEGORIES}
 
@@ -114,8 +115,9 @@ def _targets_and_outputs(files):
         targets.append({"image_id": g["image_id"], "panoptic_file_name": g["file_name"],
                         "panoptic_seg": torch.from_numpy(read_panoptic_png(os.path.join(files[1], g["file_name"]))),
                         "segments_info": g["segments_info"]})
+        segments = [{"id": s["id"], "category_id": s["category_id"]} for s in p["segments_info"]]
         outputs.append({"panoptic_seg": torch.from_numpy(read_panoptic_png(os.path.join(files[3], p["file_name"]))),
-                        "segments_info": [{"id": s["id"], "category_id": s["category_id"]} for s in p["segments_info"]]})
+                        "segments_info": segments})
     return targets, outputs
 
 
@@ -141,7 +143,7 @@ def test_evaluator_scores_through_the_same_core(files, tmp_path):
 
 def test_evaluator_instance_half_perfect_predictions():
     """The ground truth's own things as predictions: PQ_th 1 and box / mask AP 1 (crowds ignored)."""
-    from panoptic_fixtures import random_pair
+    from helpers.panoptic import random_pair
 
     gt, gs, _, _ = random_pair(np.random.default_rng(3))
     label = {1: 1, 3: 2, 8: 3, 92: 4, 118: 5, 200: 6}  # model labels: things first, then stuff
@@ -156,10 +158,12 @@ def test_evaluator_instance_half_perfect_predictions():
     evaluator = PanopticEvaluator(CATEGORIES, {v: k for k, v in label.items()})
     evaluator.process([{"image_id": 1, "panoptic_seg": torch.from_numpy(gt), "segments_info": gs}], [output])
     metrics = evaluator.evaluate()
-    assert metrics["panoptic/PQ"] == 1.0 and metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
+    assert metrics["panoptic/PQ"] == 1.0
+    assert metrics["bbox/AP"] == pytest.approx(1.0) and metrics["segm/AP"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("case", ["png_id_not_in_json", "json_id_not_in_png", "unknown_category", "size", "no_prediction"])
+@pytest.mark.parametrize("case", ["png_id_not_in_json", "json_id_not_in_png", "unknown_category", "size",
+                                  "no_prediction"])
 def test_bad_prediction_files_name_file_and_id(files, tmp_path, case):
     pred = json.load(open(files[2]))
     ann = pred["annotations"][2]
@@ -180,7 +184,8 @@ def test_bad_prediction_files_name_file_and_id(files, tmp_path, case):
         os.makedirs(pred_dir)
         for name in os.listdir(files[3]):
             im = Image.open(os.path.join(files[3], name))
-            (im.crop((0, 0, im.width - 1, im.height)) if name == "img_002.png" else im).save(os.path.join(pred_dir, name))
+            cropped = im.crop((0, 0, im.width - 1, im.height)) if name == "img_002.png" else im
+            cropped.save(os.path.join(pred_dir, name))
         match = r"img_002.png.*prediction is 24x31 \(HxW\) but the ground truth"
     else:
         pred["annotations"].pop(2)

@@ -23,13 +23,14 @@ import pytest
 import torch
 from PIL import Image
 
-from reliability_soak import TINY
-from resdet.config import apply_overrides, config_to_dict, load_config
+from resdet.config import config_to_dict, load_config
 from resdet.engine import checkpoint as ckpt_mod
 from resdet.engine.checkpoint import CheckpointManager
 from resdet.engine.cli import final_line, run_guarded
 from resdet.engine.trainer import Trainer
-from tool_loader import load_tool
+
+from helpers import load_tool
+from reliability_soak import TINY
 
 SHAPES = "configs/shapes/mask_rcnn_r34_fpn.yaml"
 
@@ -267,8 +268,9 @@ def test_checkpoints_lacking_the_models_parts_are_refused_by_test_and_infer(tmp_
 
 # ----------------------------------------------------------------------------- undefined metrics
 def test_undefined_metrics_read_nan_never_zero():
-    from resdet.evaluation import COCOEvaluator, SemSegEvaluator, VOCEvaluator
     from pycocotools.coco import COCO
+
+    from resdet.evaluation import COCOEvaluator, SemSegEvaluator, VOCEvaluator
 
     voc = VOCEvaluator(["cat", "dog"])
     voc.process([{"image_id": 1, "boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([1]),

@@ -6,10 +6,11 @@ import torch
 from torchvision.ops import MultiScaleRoIAlign as TVMultiScaleRoIAlign
 from torchvision.ops import roi_align as tv_roi_align
 
-from helpers import resdet_ops
 from resdet import fast_paths
 from resdet.heads import MultiScaleRoIAlign
 from resdet.layers.roi_align import multi_level_roi_align, roi_align
+
+from helpers import resdet_ops
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +20,8 @@ def _sparse_kernel_on():
         yield
 
 
-def _rois(n: int, image_size: float, num_images: int = 2, min_size: float = 2.0, max_size: float = 60.0) -> torch.Tensor:
+def _rois(n: int, image_size: float, num_images: int = 2, min_size: float = 2.0,
+          max_size: float = 60.0) -> torch.Tensor:
     """Tensor[n, 5] well-formed boxes, some partly outside ``[0, image_size]``."""
     size = torch.rand(n, 2) * (max_size - min_size) + min_size
     x1y1 = torch.rand(n, 2) * (image_size + 20) - 10
@@ -163,14 +165,6 @@ def test_pooler_impl_switch():
     torch.testing.assert_close(ours, tv(feats, boxes, [(32, 32)]))
     with pytest.raises(ValueError, match="impl"):
         MultiScaleRoIAlign(impl="fast")
-
-
-def test_bench_multiscale_roi_align_small():
-    from resdet.benchmark import bench_multiscale_roi_align
-
-    row = bench_multiscale_roi_align(num_rois=12, batch=2, image_size=(64, 96), channels=4, iters=1, warmup=0)
-    assert row.resdet > 0 and row.torchvision > 0 and row.unit == "ms"
-    assert row.extra["max_abs_out"] < 1e-4 and row.extra["max_abs_grad"] < 1e-4
 
 
 def test_samples_outside_the_map_read_no_pixel():

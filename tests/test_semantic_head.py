@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from resdet.layers.shape_spec import ShapeSpec
 from resdet.heads.semantic_head import SemanticFPNHead
+from resdet.layers.shape_spec import ShapeSpec
 
 SHAPES = {f"p{i}": ShapeSpec(16, 2**i) for i in range(2, 6)}
 

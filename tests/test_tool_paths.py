@@ -12,10 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_semantic_tools import CONFIG as SEMANTIC_CONFIG
-from test_semantic_tools import _tiny as semantic_tiny
-from test_tools import _tiny
-from tool_loader import REPO, load_tool
+from helpers import REPO, SEMANTIC_CONFIG, detection_overrides, load_tool, semantic_overrides
 
 
 def test_read_rgb_scales_16_bit_png(tmp_path):
@@ -59,15 +56,16 @@ def test_schedule_fractions_and_late_steps():
 
 
 def test_short_run_with_long_schedule_is_one_line(tmp_path, capsys):
-    rc = load_tool("train")(_tiny(tmp_path / "shapes") + ["solver.max_iter=60", "solver.steps=[600,750]", "solver.warmup_iters=100",
-                                                  f"train.output_dir={tmp_path / 'o'}"])
+    rc = load_tool("train")(detection_overrides(tmp_path / "shapes") + [
+        "solver.max_iter=60", "solver.steps=[600,750]", "solver.warmup_iters=100",
+        f"train.output_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
     assert rc == 1 and "solver.max_iter=60" in err and "fractions" in err and len(err.strip().splitlines()) == 1
 
 
 def test_semantic_train_test_infer_with_names(tmp_path, capsys):
     root, out = tmp_path / "shapes", tmp_path / "out"
-    rc = load_tool("train")(["--config", SEMANTIC_CONFIG, *semantic_tiny(root, out), "solver.max_iter=2",
+    rc = load_tool("train")(["--config", SEMANTIC_CONFIG, *semantic_overrides(root, out), "solver.max_iter=2",
                          "solver.warmup_iters=1", "train.num_vis_images=1"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -100,10 +98,11 @@ def test_detections_json_has_rle_masks_and_progress_lines(tmp_path, capsys):
     from pycocotools import mask as mask_util
 
     root, out = tmp_path / "shapes", tmp_path / "out"
-    rc = load_tool("train")(_tiny(root) + ["solver.max_iter=2", "solver.warmup_iters=1", "solver.steps=[]",
-                                       "train.log_period=1", f"train.output_dir={out}", "train.num_vis_images=1",
-                                       "train.progress_bar=false", "eval.vis_score_thresh=1.01",
-                                       "eval.iou_types=[bbox]"])
+    rc = load_tool("train")(detection_overrides(root) + [
+        "solver.max_iter=2", "solver.warmup_iters=1", "solver.steps=[]",
+        "train.log_period=1", f"train.output_dir={out}", "train.num_vis_images=1",
+        "train.progress_bar=false", "eval.vis_score_thresh=1.01",
+        "eval.iou_types=[bbox]"])
     assert rc == 0
     printed = capsys.readouterr().out
     for text in (printed, (out / "log.txt").read_text()):
@@ -121,9 +120,10 @@ def test_detections_json_has_rle_masks_and_progress_lines(tmp_path, capsys):
 
 
 def test_no_evaluator_has_no_empty_final_line(tmp_path, capsys):
-    rc = load_tool("train")(_tiny(tmp_path / "shapes") + ["solver.max_iter=1", "solver.warmup_iters=0", "solver.steps=[]",
-                                                      f"train.output_dir={tmp_path / 'o'}", "eval.evaluator=none",
-                                                      "train.progress_bar=false"])
+    rc = load_tool("train")(detection_overrides(tmp_path / "shapes") + [
+        "solver.max_iter=1", "solver.warmup_iters=0", "solver.steps=[]",
+        f"train.output_dir={tmp_path / 'o'}", "eval.evaluator=none",
+        "train.progress_bar=false"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "final: ;" not in printed and "no evaluation" in printed

@@ -4,23 +4,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from tool_loader import load_tool
 
-
-
-def _tiny(root):
-    return [f"data.root={root}", "data.shapes.num_train=4", "data.shapes.num_val=2", "data.shapes.image_size=64",
-            "data.batch_size=2", "data.num_workers=0", "model.backbone=resnet18", "model.min_size=64",
-            "model.max_size=64", "model.rpn_post_nms_top_n_train=50", "model.rpn_post_nms_top_n_test=20",
-            "model.box_batch_size_per_image=16",
-            "model.options={fpn_out_channels: 32, box_representation_size: 64, mask_layers: [32], "
-            "mask_predictor_channels: 32}"]
+from helpers import detection_overrides, load_tool
 
 
 def test_train_test_infer_scripts(tmp_path, capsys):
     root, out = tmp_path / "shapes", tmp_path / "out"
-    rc = load_tool("train")(_tiny(root) + ["solver.max_iter=2", "solver.warmup_iters=1", "solver.steps=[]",
-                                       f"train.output_dir={out}", "train.num_vis_images=1", "train.progress_bar=false"])
+    rc = load_tool("train")(detection_overrides(root) + [
+        "solver.max_iter=2", "solver.warmup_iters=1", "solver.steps=[]", f"train.output_dir={out}",
+        "train.num_vis_images=1", "train.progress_bar=false"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert printed.index("*bbox*") < printed.index("*segm*") and "final: bbox/AP=" in printed
@@ -28,8 +20,9 @@ def test_train_test_infer_scripts(tmp_path, capsys):
     assert list((out / "vis").glob("*.png")) and (out / "config.yaml").is_file()
 
     # --resume continues from model_final (iteration 2) to a longer schedule
-    rc = load_tool("train")(_tiny(root) + ["--resume", "solver.max_iter=3", "solver.warmup_iters=1", "solver.steps=[]",
-                                       f"train.output_dir={out}", "train.num_vis_images=0", "train.progress_bar=false"])
+    rc = load_tool("train")(detection_overrides(root) + [
+        "--resume", "solver.max_iter=3", "solver.warmup_iters=1", "solver.steps=[]", f"train.output_dir={out}",
+        "train.num_vis_images=0", "train.progress_bar=false"])
     assert rc == 0
     capsys.readouterr()
     iterations = [json.loads(line)["iteration"] for line in open(out / "metrics.jsonl")
