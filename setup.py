@@ -32,20 +32,22 @@ setup(
     package_dir=package_dir,
     package_data={"resdet.configs": ["*.yaml", "**/*.yaml"]},
     include_package_data=True,
+    # Lower bounds are versions the test suite has run on (albumentations 2.0.2: .ci/run tests it).
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
-        "timm>=1.0",
-        "pycocotools>=2.0.7",
+        "torch>=2.14",
+        "torchvision>=0.29",
+        "timm>=1.0.31",
+        "pycocotools>=2.0.11",
         "albumentations>=2.0.2",
-        "pyyaml>=6.0",
-        "tqdm>=4.60",
+        "pyyaml>=6.0.4",
+        "tqdm>=4.70",
     ],
     extras_require={
         # Deployment (resdet.export, tools/export.py): ONNX files checked with onnxruntime.
-        "export": ["onnx>=1.15", "onnxruntime>=1.17"],
-        # The test extra includes the export extra so CI runs tests/test_export.py.
+        "export": ["onnx>=1.23", "onnxruntime>=1.32"],
+        # The test extra includes the export extra so CI runs tests/test_export.py, and the linter .ci/run runs
+        # (one minor version: a newer ruff may add checks to the rule families .ruff.toml selects).
         # cityscapesscripts: the reference PQ evaluation and panoptic converter the tests compare with.
-        "test": ["pytest>=7", "onnx>=1.15", "onnxruntime>=1.17", "cityscapesscripts>=2.2"],
+        "test": ["pytest>=9.2", "onnx>=1.23", "onnxruntime>=1.32", "ruff>=0.17.6,<0.18", "cityscapesscripts>=2.3"],
     },
 )

@@ -2,8 +2,31 @@
 
 Importing this package also registers the ``resdet_*`` classifiers with timm (``timm_models``).
 """
-from .fpn import FPN, TOP_BLOCKS, BackboneWithFPN, LastLevelMaxPool, LastLevelP6P7, build_resnet_fpn, resnet_fpn_backbone
 from resdet.layers.norm import NORMS, FrozenBatchNorm2d, get_norm
+from resdet.layers.shape_spec import ShapeSpec
+
+from . import timm_models  # noqa: F401  (registers resdet_* with timm)
+from .cifar_resnet import (
+    CIFAR_RESNETS,
+    CifarResNet,
+    ShortcutA,
+    build_cifar_resnet,
+    cifar_resnet20,
+    cifar_resnet32,
+    cifar_resnet44,
+    cifar_resnet56,
+    cifar_resnet110,
+    cifar_resnet1202,
+)
+from .fpn import (
+    FPN,
+    TOP_BLOCKS,
+    BackboneWithFPN,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+    build_resnet_fpn,
+    resnet_fpn_backbone,
+)
 from .resnet import (
     LEVELS,
     RESNETS,
@@ -19,22 +42,8 @@ from .resnet import (
     resnext50_32x4d,
     wide_resnet50_2,
 )
-from resdet.layers.shape_spec import ShapeSpec
-from .cifar_resnet import (
-    CIFAR_RESNETS,
-    CifarResNet,
-    ShortcutA,
-    build_cifar_resnet,
-    cifar_resnet20,
-    cifar_resnet32,
-    cifar_resnet44,
-    cifar_resnet56,
-    cifar_resnet110,
-    cifar_resnet1202,
-)
-from .weights import load_checkpoint, load_resnet_weights
-from . import timm_models  # noqa: E402  (registers resdet_* with timm)
 from .timm_models import CifarResNetClassifier, ResNetClassifier
+from .weights import load_checkpoint, load_resnet_weights
 
 __all__ = [
     "CIFAR_RESNETS",

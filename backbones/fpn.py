@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resdet.layers.conv import Conv2d
-from .resnet import LEVELS, ResNet, build_resnet
 from resdet.layers.shape_spec import ShapeSpec
+
+from .resnet import LEVELS, ResNet, build_resnet
 
 __all__ = [
     "FPN",
@@ -107,7 +108,9 @@ class FPN(nn.Module):
             raise ValueError(f"out_channels must be positive, got {out_channels}")
         self.in_features = names
         self.out_channels = out_channels
-        self.inner_blocks = nn.ModuleList([_fpn_conv_block(in_shapes[k].channels, out_channels, 1, norm) for k in names])
+        self.inner_blocks = nn.ModuleList(
+            [_fpn_conv_block(in_shapes[k].channels, out_channels, 1, norm) for k in names]
+        )
         self.layer_blocks = nn.ModuleList([_fpn_conv_block(out_channels, out_channels, 3, norm) for _ in names])
         top = in_shapes[names[-1]]
         self.extra_blocks = None
@@ -237,7 +240,8 @@ def build_resnet_fpn(
     if frozen_stages is None:
         frozen_stages = 2 if backbone_options.get("weights") is not None else 0
     body: ResNet = build_resnet(name, out_features=out_features, frozen_stages=frozen_stages, **backbone_options)
-    fpn = FPN(body.output_shape(), out_channels=out_channels, norm=fpn_norm, top_block=top_block, p6p7_source=p6p7_source)
+    fpn = FPN(body.output_shape(), out_channels=out_channels, norm=fpn_norm, top_block=top_block,
+              p6p7_source=p6p7_source)
     return BackboneWithFPN(body, fpn, torchvision_names=torchvision_names)
 
 

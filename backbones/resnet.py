@@ -297,7 +297,9 @@ class ResNet(_TrunkBase):
         if not out_features or unknown:
             raise ValueError(f"out_features must be a non-empty subset of {LEVELS}, got {out_features}")
         if not 0 <= frozen_stages <= 5:
-            raise ValueError(f"frozen_stages must be in 0..5 (0 none, 1 stem, k stem + k-1 stages), got {frozen_stages}")
+            raise ValueError(
+                f"frozen_stages must be in 0..5 (0 none, 1 stem, k stem + k-1 stages), got {frozen_stages}"
+            )
         if norm is None:
             norm = "frozen_bn" if weights is not None else "bn"
         if norm not in NORMS:

@@ -14,12 +14,11 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, is_model, register_model
 from timm.models._features import feature_take_indices
+from torch import Tensor, nn
 
 from .cifar_resnet import CIFAR_DEPTHS, CifarResNet, Shortcut
 from .resnet import LEVELS, BasicBlock, Block, Bottleneck, ResNet, check_image_batch

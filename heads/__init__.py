@@ -1,8 +1,9 @@
 """Detection and segmentation heads: RPN, RoI box head, mask head, semantic head."""
-from .anchors import AnchorGenerator
 from resdet.layers.box_ops import BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_regression_loss
-from .mask_head import MaskHead, MaskPredictor, mask_loss
 from resdet.layers.mask_paste import paste_masks
+
+from .anchors import AnchorGenerator
+from .mask_head import MaskHead, MaskPredictor, mask_loss
 from .poolers import MultiScaleRoIAlign
 from .roi_heads import ConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
-from resdet.layers.box_ops import BOX_LOSSES, BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_regression_loss
 from resdet.layers.blocks import NormSpec, conv_norm_act, init_convs_msra
+from resdet.layers.box_ops import BOX_LOSSES, BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_regression_loss
+
 from .mask_head import MaskPredictor, mask_loss, mask_probs
 from .poolers import MultiScaleRoIAlign
 

@@ -21,9 +21,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resdet.layers.shape_spec import ShapeSpec
-
 from resdet.layers.blocks import conv_norm_act, init_convs_msra
+from resdet.layers.shape_spec import ShapeSpec
 
 __all__ = ["SemanticFPNHead"]
 

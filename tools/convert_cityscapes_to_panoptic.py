@@ -3,10 +3,11 @@
 
     python tools/convert_cityscapes_to_panoptic.py --root cityscapes --split val
 
-writes ``cityscapes/gtFine/cityscapes_panoptic_val.json`` and the PNG folder ``cityscapes/gtFine/cityscapes_panoptic_val/``
-(19 categories with their label ids, 8 things, group regions as ``iscrowd`` segments), the files that
-``data.dataset=cityscapes data.task=panoptic``, ``resdet.evaluation.pq_compute`` and cityscapesScripts'
-``evalPanopticSemanticLabeling`` read. ``--train-id`` writes train-id categories (``*_trainId.json``).
+writes ``cityscapes/gtFine/cityscapes_panoptic_val.json`` and the PNG folder
+``cityscapes/gtFine/cityscapes_panoptic_val/`` (19 categories with their label ids, 8 things, group regions as
+``iscrowd`` segments), the files that ``data.dataset=cityscapes data.task=panoptic``,
+``resdet.evaluation.pq_compute`` and cityscapesScripts' ``evalPanopticSemanticLabeling`` read. ``--train-id``
+writes train-id categories (``*_trainId.json``).
 """
 from __future__ import annotations
 

@@ -64,10 +64,10 @@ LABELS = (
 )
 
 #: The 19 evaluated classes, index = train id.
-TRAIN_ID_NAMES = tuple(label.name for label in sorted((l for l in LABELS if 0 <= l.train_id < 255),
-                                                      key=lambda l: l.train_id))
+TRAIN_ID_NAMES = tuple(label.name for label in sorted((lab for lab in LABELS if 0 <= lab.train_id < 255),
+                                                      key=lambda lab: lab.train_id))
 #: The 8 instance classes, contiguous label = index + 1.
-THING_NAMES = tuple(l.name for l in LABELS if l.has_instances and not l.ignore_in_eval)
+THING_NAMES = tuple(lab.name for lab in LABELS if lab.has_instances and not lab.ignore_in_eval)
 
 #: Lookup table: label id (0..255) → train id, 255 for ignored ids.
 LABEL_ID_TO_TRAIN_ID = np.full(256, 255, dtype=np.int64)
@@ -76,7 +76,7 @@ for _label in LABELS:
         LABEL_ID_TO_TRAIN_ID[_label.id] = _label.train_id if _label.train_id >= 0 else 255
 
 #: label id → contiguous thing label 1..8 for instance classes.
-LABEL_ID_TO_THING = {l.id: THING_NAMES.index(l.name) + 1 for l in LABELS if l.name in THING_NAMES}
+LABEL_ID_TO_THING = {lab.id: THING_NAMES.index(lab.name) + 1 for lab in LABELS if lab.name in THING_NAMES}
 
 
 def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:

@@ -4,8 +4,8 @@ Crowd regions (``iscrowd=1``) never enter the training target; evaluation sees t
 ``CocoDataset.coco`` is the pycocotools ground truth, which a COCO evaluator hands to ``COCOeval`` (it treats
 crowds as ignore regions). The one change made to it: polygons with fewer than 3 points are removed there too
 (pycocotools' mask evaluation cannot rasterize them), an object left without polygons gets its filled box as
-the training target does, and the build report names those annotation ids. Predicted ``labels`` map back to json category ids through
-``contiguous_to_cat_id``.
+the training target does, and the build report names those annotation ids. Predicted ``labels`` map back
+to json category ids through ``contiguous_to_cat_id``.
 """
 from __future__ import annotations
 

@@ -72,7 +72,8 @@ class LabelSpace:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types for checkpoints."""
-        out: dict[str, Any] = {"cat_ids": [int(c) for c in self.cat_ids], "class_names": [str(n) for n in self.class_names]}
+        out: dict[str, Any] = {"cat_ids": [int(c) for c in self.cat_ids],
+                               "class_names": [str(n) for n in self.class_names]}
         if self.num_things is not None:
             out["num_things"] = int(self.num_things)
         return out
@@ -128,8 +129,8 @@ def remap_class_rows(state_dict: Mapping[str, Tensor], model_state: Mapping[str,
 
     For each per-class head tensor (:data:`CLASS_ROW_KEYS`) the result starts from the model's own
     (freshly initialised) tensor; the background row and the rows of every category both spaces hold (same
-    id and same name: ids alone collide across taxonomies) are copied from the checkpoint. Tensors whose row count does not fit ``source`` are left as they are
-    (the shape check of the caller then reports them).
+    id and same name: ids alone collide across taxonomies) are copied from the checkpoint. Tensors whose row
+    count does not fit ``source`` are left as they are (the shape check of the caller then reports them).
 
     Args:
         state_dict: checkpoint tensors under the model's key names.

@@ -12,9 +12,9 @@ COCO panoptic ground truth, ``annotations/panoptic_{split}.json`` with ``annotat
 present; pixels of shapes too hidden to be annotated are void); ``sem_seg`` then holds the category ids 1..7.
 
 The task is built to be learnable in minutes on a CPU: four classes that differ by outline (circle, square,
-triangle, cross — each with a small random rotation, random aspect and colour), 1–4 objects per image, objects a sizeable
-fraction of the image, occlusion limited so every object keeps most of its area visible. Everything is drawn
-with OpenCV from a per-image seeded generator, so a seed always gives byte-identical files.
+triangle, cross — each with a small random rotation, random aspect and colour), 1–4 objects per image,
+objects a sizeable fraction of the image, occlusion limited so every object keeps most of its area visible.
+Everything is drawn with OpenCV from a per-image seeded generator, so a seed always gives byte-identical files.
 """
 from __future__ import annotations
 
@@ -316,7 +316,8 @@ def _write_json_atomic(obj: Any, path: str) -> None:
 
 
 def _split_paths(root: str, split: str) -> ShapesSplit:
-    return ShapesSplit(os.path.join(root, "images", split), os.path.join(root, "annotations", f"instances_{split}.json"),
+    return ShapesSplit(os.path.join(root, "images", split),
+                       os.path.join(root, "annotations", f"instances_{split}.json"),
                        os.path.join(root, "sem_seg", split))
 
 

@@ -18,8 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import IGNORE_LABEL, DetectionDatasetBase, Transform, masks_to_boxes, sanitize_box, select_instances, \
-    target_to_tensors
+from .base import (
+    IGNORE_LABEL,
+    DetectionDatasetBase,
+    Transform,
+    masks_to_boxes,
+    sanitize_box,
+    select_instances,
+    target_to_tensors,
+)
 from .image_io import read_label_map
 
 __all__ = ["VOC_CLASSES", "VOCDataset", "voc_image_id", "voc_split_file"]

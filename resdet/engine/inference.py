@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 from resdet.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
+from resdet.data.label_space import TORCHVISION_COCO_NUM_CLASSES, LabelSpace, check_label_space, label_space_of
 from resdet.models import arch_task, build_model
 
 from . import distributed as dist
-from resdet.data.label_space import TORCHVISION_COCO_NUM_CLASSES, LabelSpace, check_label_space, label_space_of
-
 from .builders import build_dataset, build_evaluator, build_test_loader
 from .checkpoint import CheckpointError, load_checkpoint_file, load_model_state, unwrap_model
 from .pretrained import load_complete, read_checkpoint
@@ -109,7 +108,8 @@ def load_model(cfg: Config, checkpoint: str | os.PathLike, *, device: torch.devi
         model.label_space = LabelSpace.from_checkpoint(extras)
     else:
         space = None
-        if arch_task(cfg.model.arch) in ("detection", "instance") and _checkpoint_classes(state) == TORCHVISION_COCO_NUM_CLASSES:
+        detector = arch_task(cfg.model.arch) in ("detection", "instance")
+        if detector and _checkpoint_classes(state) == TORCHVISION_COCO_NUM_CLASSES:
             space = LabelSpace.torchvision_coco()
             if cfg.model.num_classes != space.num_classes:
                 print(f"{os.fspath(checkpoint)}: torchvision COCO checkpoint (91-way predictor, labels are COCO "

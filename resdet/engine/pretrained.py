@@ -21,7 +21,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from resdet.data.label_space import checkpoint_label_space, label_space_of, remap_class_rows
@@ -71,7 +70,8 @@ class LoadReport:
             lines.append(f"skipped {len(self.skipped)} (shape differs, re-initialised):")
             lines += [f"  {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.skipped]
         if self.missing:
-            lines.append(f"missing from checkpoint {len(self.missing)} (kept initialised): {self._grouped(self.missing)}")
+            lines.append(f"missing from checkpoint {len(self.missing)} (kept initialised): "
+                         f"{self._grouped(self.missing)}")
         if self.unexpected:
             lines.append(f"not in model {len(self.unexpected)} (ignored): {self._grouped(self.unexpected)}")
         return "\n".join(lines)

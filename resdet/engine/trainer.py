@@ -37,16 +37,14 @@ from torch import nn
 
 import resdet
 from resdet.config import Config, config_to_dict, save_config
+from resdet.data.label_space import LabelSpace
 from resdet.models import arch_task, build_model
 from resdet.models.registry import check_typed_keys
 from resdet.models.validation import InvalidInput
 
 from . import distributed as dist
-from resdet.data.label_space import LabelSpace
-
 from .builders import build_dataset, build_train_loader, dataset_metadata
-from .checkpoint import (CheckpointError, CheckpointManager, capture_rng_state, load_model_state,
-                         restore_rng_state)
+from .checkpoint import CheckpointError, CheckpointManager, capture_rng_state, load_model_state, restore_rng_state
 from .inference import amp_dtype, evaluate_model
 from .logger import MetricsWriter, ProgressBar, format_progress, setup_logger
 from .lr_schedule import LRFactor, build_lr_scheduler, resolve_schedule
@@ -373,7 +371,7 @@ class Trainer:
             FloatingPointError: a loss became NaN/inf.
             TrainingInterrupted: SIGINT/SIGTERM arrived (a checkpoint was saved first).
         """
-        cfg, t = self.cfg, self.cfg.train
+        cfg = self.cfg
         max_iter = cfg.solver.max_iter
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:

@@ -147,7 +147,8 @@ class COCOEvaluator(DatasetEvaluator):
                     metrics[f"{iou_type}/{name}"] = float(value) if value >= 0 else float("nan")
                 gt = self.coco_gt.loadAnns(self.coco_gt.getAnnIds(imgIds=image_ids)) if image_ids else []
                 if not any(not ann.get("iscrowd", 0) for ann in gt):
-                    text += "no valid objects: the evaluated images hold no (non-crowd) ground truth, so AP is undefined\n"
+                    text += ("no valid objects: the evaluated images hold no (non-crowd) ground truth, so AP is "
+                             "undefined\n")
                 lines.append(f"Evaluate annotation type *{iou_type}* ({len(image_ids)} images)\n{text}")
                 if self.output_dir is not None:
                     Path(self.output_dir).mkdir(parents=True, exist_ok=True)

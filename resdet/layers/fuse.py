@@ -54,7 +54,8 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
         return None if t is None else t.detach().double()
 
     weight, bias = fuse_conv_bn_weights(
-        f64(conv.weight), f64(conv.bias), f64(bn.running_mean), f64(bn.running_var), bn.eps, f64(bn.weight), f64(bn.bias)
+        f64(conv.weight), f64(conv.bias), f64(bn.running_mean), f64(bn.running_var), bn.eps, f64(bn.weight),
+        f64(bn.bias),
     )
     fused = copy.deepcopy(conv)
     trainable = conv.weight.requires_grad

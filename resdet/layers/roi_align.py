@@ -313,7 +313,8 @@ def _table_op(levels: Sequence[Tensor]) -> Tensor:
 
 @torch.library.custom_op(
     "resdet::roi_align", mutates_args=(),
-    schema=f"(Tensor table, Tensor rois, Tensor level, {_ALIGN_ARGS}, bool keep_map) -> (Tensor, Tensor, Tensor, Tensor)",
+    schema=f"(Tensor table, Tensor rois, Tensor level, {_ALIGN_ARGS}, bool keep_map) "
+           "-> (Tensor, Tensor, Tensor, Tensor)",
 )
 def _roi_align_op(
     table: Tensor, rois: Tensor, level: Tensor, level_shapes: Sequence[int], scales: Sequence[float],
@@ -538,7 +539,8 @@ def _per_level(
 
     def pool(x: Tensor, r: Tensor, scale: float) -> Tensor:
         if x.dtype != r.dtype:  # torchvision's op takes one dtype: pool in float32, as its autocast kernel does
-            return torchvision.ops.roi_align(x.float(), r.float(), output_size, scale, sampling_ratio, aligned).to(x.dtype)
+            pooled = torchvision.ops.roi_align(x.float(), r.float(), output_size, scale, sampling_ratio, aligned)
+            return pooled.to(x.dtype)
         return torchvision.ops.roi_align(x, r, output_size, scale, sampling_ratio, aligned)
 
     if len(levels) == 1:

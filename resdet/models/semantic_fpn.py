@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resdet.backbones.fpn import build_resnet_fpn
+from resdet.heads.semantic_head import SemanticFPNHead
 from resdet.layers.shape_spec import ShapeSpec
 from resdet.layers.tracing import is_tracing
-from resdet.heads.semantic_head import SemanticFPNHead
 
-from .validation import check_images, check_sem_seg_targets
 from .registry import register_arch
 from .transform import IMAGENET_MEAN, IMAGENET_STD, ImageBatcher, min_sizes, resized_size
+from .validation import check_images, check_sem_seg_targets
 
 __all__ = ["SemanticFPN", "SemSegTransform", "semantic_fpn"]
 
@@ -230,7 +229,8 @@ class SemanticFPN(nn.Module):
         return results
 
 
-@register_arch("semantic_fpn", task="semantic", renamed={"fpn_channels": "fpn_out_channels", "backbone_weights": "weights"})
+@register_arch("semantic_fpn", task="semantic",
+               renamed={"fpn_channels": "fpn_out_channels", "backbone_weights": "weights"})
 def semantic_fpn(
     backbone: str = "resnet34",
     num_classes: int = 19,
