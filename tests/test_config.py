@@ -6,10 +6,11 @@ import ast
 import glob
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
-import resdet.models  # noqa: F401  (registers the model.arch / model.options check with the config layer)
 from resdet.config import (
     Config,
     ConfigError,
@@ -202,3 +203,11 @@ def test_config_layer_imports_no_model_code():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[:2] in (["resdet", "models"], ["resdet", "heads"], ["resdet", "backbones"])
                            or n.split(".")[0] in ("torch", "torchvision") for n in names), (path.name, names)
+
+
+def test_a_config_loaded_without_importing_models_is_checked_against_the_registry():
+    """The registry's check reaches every load_config, also where the caller never imports resdet.models."""
+    code = ("from resdet.config import ConfigError, load_config\n"
+            "try:\n    load_config(None, ['model.arch=mask_rcn'])\nexcept ConfigError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("model.arch: 'mask_rcn' is not one of") and "did you mean 'mask_rcnn'" in out

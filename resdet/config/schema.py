@@ -3,11 +3,12 @@
 This is where a config key is defined and checked. Each key is a dataclass field whose annotation is its
 type (``Annotated[int, Min(1)]`` adds a lower bound); :func:`set_key` converts and checks one dotted key,
 :func:`validate_config` runs the checks of keys that depend on one another, which the layers that own
-them register with :func:`add_config_check` (the model registry checks ``model.arch`` against the
-registered builders and ``model.options`` against that builder's signature, once ``resdet.models`` is
-imported: this layer imports no model code). An unknown key or a value of the wrong type raises
-:class:`ConfigError` naming the key and the closest valid key. Reading YAML files and ``key=value``
-overrides is :mod:`resdet.config.loading`'s job; building the model :func:`resdet.models.build_model`'s.
+them register with :func:`add_config_check`: this layer imports no model code, and the model registry
+registers the check of ``model.arch`` against the registered builders and of ``model.options`` against
+that builder's signature (``import resdet``, which any import of this layer runs first, imports the
+registry). An unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and the
+closest valid key. Reading YAML files and ``key=value`` overrides is :mod:`resdet.config.loading`'s job;
+building the model :func:`resdet.models.build_model`'s.
 """
 from __future__ import annotations
 
