@@ -118,7 +118,8 @@ class CifarResNet(_TrunkBase):
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
         if not 0 <= frozen_stages <= 4:
-            raise ValueError(f"frozen_stages must be in 0..4 (0 none, 1 stem, k stem + k-1 stages), got {frozen_stages}")
+            raise ValueError(f"frozen_stages must be in 0..4 (0 none, 1 stem, k stem + k-1 stages), "
+                             f"got {frozen_stages}")
         if in_chans < 1:
             raise ValueError(f"in_chans must be positive, got {in_chans}")
         self.layers = tuple(int(n) for n in layers)

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from tool_loader import load_tool
 
 from resdet.data import write_cifar
+
+from helpers import load_tool
 
 TINY = ["solver.max_iter=4", "data.batch_size=8", "data.test_batch_size=8", "data.num_workers=0",
         "train.progress_bar=false", "train.num_vis_images=2", "train.checkpoint_period=0", "train.eval_period=0"]
@@ -73,7 +74,8 @@ def test_image_folder_with_the_imagenet_config(tmp_path, capsys):
     root, out = tmp_path / "data", tmp_path / "out"
     _tree(root)
     (root / "train" / "ant" / "Thumbs.db").write_bytes(b"\x00")
-    rc = load_tool("train")(["--config", "configs/imagenet/resnet50.yaml", f"data.root={root}", f"train.output_dir={out}",
+    rc = load_tool("train")(["--config", "configs/imagenet/resnet50.yaml", f"data.root={root}",
+                             f"train.output_dir={out}",
                              "model.backbone=cifar_resnet20", "model.num_classes=3", "data.classification.crop_size=32",
                              "model.options.resize_size=36", "model.options.crop_size=32", "data.batch_size=4",
                              *TINY[1:], "solver.max_iter=3"])

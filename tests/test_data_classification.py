@@ -10,8 +10,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from resdet.data import (CifarDataset, CifarFormatError, ImageFolderDataset, build_classification_transforms,
-                         write_cifar)
+from resdet.data import CifarDataset, CifarFormatError, ImageFolderDataset, build_classification_transforms, write_cifar
 from resdet.engine.builders import collate_classification
 
 

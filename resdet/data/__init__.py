@@ -17,8 +17,13 @@ from .image_io import ImageReadError, read_image, read_label_map
 from .label_space import LabelSpace
 from .samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_group_ids
 from .shapes import ShapesDataset
-from .transforms import (ClassificationTransforms, DetectionTransforms, ResizeShortestEdge,
-                         build_classification_transforms, build_transforms)
+from .transforms import (
+                         ClassificationTransforms,
+                         DetectionTransforms,
+                         ResizeShortestEdge,
+                         build_classification_transforms,
+                         build_transforms,
+)
 from .voc import VOC_CLASSES, VOCDataset
 
 __all__ = [

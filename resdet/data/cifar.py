@@ -110,7 +110,8 @@ def find_cifar_dir(root: str | os.PathLike, variant: Variant) -> str:
     inner = os.path.join(root, layout["folder"])
     if os.path.isdir(inner):
         return inner
-    if os.path.isfile(os.path.join(root, layout["meta"])) or os.path.basename(os.path.normpath(root)) == layout["folder"]:
+    if (os.path.isfile(os.path.join(root, layout["meta"]))
+            or os.path.basename(os.path.normpath(root)) == layout["folder"]):
         return root
     raise CifarFormatError(f"no {layout['name']} data under {root!r}: expected {inner!r} with "
                            f"{', '.join(layout['train'] + layout['test'] + [layout['meta']])} (the extracted python "
@@ -298,7 +299,8 @@ def write_cifar(root: str | os.PathLike, *, train: tuple[np.ndarray, np.ndarray]
             save(name, {b"batch_label": f"training batch {i + 1} of 5".encode(), b"labels": labels[lo:hi],
                         b"data": images[lo:hi], b"filenames": [f"train_{j:05d}.png".encode() for j in range(lo, hi)]})
         save("test_batch", {b"batch_label": b"testing batch 1 of 1", b"labels": [int(v) for v in test[1]],
-                            b"data": rows(test[0]), b"filenames": [f"test_{j:05d}.png".encode() for j in range(len(test[1]))]})
+                            b"data": rows(test[0]),
+                            b"filenames": [f"test_{j:05d}.png".encode() for j in range(len(test[1]))]})
         save("batches.meta", {b"num_cases_per_batch": int(bounds[1] - bounds[0]), b"label_names": names,
                               b"num_vis": _ROW})
         return folder

@@ -97,7 +97,8 @@ def write_synthetic_cifar10(root: str | os.PathLike, *, num_train: int = 5000, n
 
     def split(n: int) -> tuple[np.ndarray, np.ndarray]:
         labels = rng.permutation(np.arange(n) % len(SYNTHETIC_CLASSES))
-        return np.stack([draw_synthetic(int(k), rng) for k in labels]) if n else np.zeros((0, 32, 32, 3), np.uint8), labels
+        images = np.stack([draw_synthetic(int(k), rng) for k in labels]) if n else np.zeros((0, 32, 32, 3), np.uint8)
+        return images, labels
 
     train, test = split(num_train), split(num_test)
     return write_cifar(root, train=train, test=test, class_names=SYNTHETIC_CLASSES)

@@ -384,8 +384,13 @@ def build_evaluator(cfg: Config, dataset: Dataset, *, output_dir: str | None = N
         label_space: the model's :class:`~resdet.data.label_space.LabelSpace` (labels → the dataset's
             category ids); None: the dataset's own contiguous mapping.
     """
-    from resdet.evaluation import (ClassificationEvaluator, COCOEvaluator, PanopticEvaluator, SemSegEvaluator,
-                                   VOCEvaluator)
+    from resdet.evaluation import (
+        ClassificationEvaluator,
+        COCOEvaluator,
+        PanopticEvaluator,
+        SemSegEvaluator,
+        VOCEvaluator,
+    )
 
     kind = cfg.eval.evaluator
     if kind == "none":

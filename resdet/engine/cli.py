@@ -99,7 +99,8 @@ def _metric(value: float) -> str:
 def final_line(metrics: dict[str, float], output_dir: str) -> str:
     """``final: bbox/AP=0.1234, segm/AP=...; outputs in DIR`` (or a note that nothing was evaluated). An
     undefined metric (NaN: no ground truth it could be measured on) reads ``nan (no valid objects)``."""
-    keys = [k for k in ("panoptic/PQ", "bbox/AP", "segm/AP", "bbox/mAP50", "mIoU", "top1", "top1_error") if k in metrics]
+    shown = ("panoptic/PQ", "bbox/AP", "segm/AP", "bbox/mAP50", "mIoU", "top1", "top1_error")
+    keys = [k for k in shown if k in metrics]
     if not keys:
         return f"done, no evaluation (eval.evaluator=none or no metric); outputs in {output_dir}"
     return "final: " + ", ".join(f"{k}={_metric(metrics[k])}" for k in keys) + f"; outputs in {output_dir}"

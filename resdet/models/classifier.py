@@ -207,7 +207,8 @@ def build_classification_backbone(name: str, **options: Any) -> nn.Module:
         options.pop("weights", None)
         return build_cifar_resnet(name, out_features=("c4",), **options)
     if name not in RESNETS:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(RESNETS) + sorted(CIFAR_RESNETS, key=len)}")
+        names = sorted(RESNETS) + sorted(CIFAR_RESNETS, key=len)
+        raise ValueError(f"unknown backbone {name!r}; expected one of {names}")
     if "shortcut" in options:
         raise ValueError(f"backbone {name!r}: model.options.shortcut applies to the cifar_resnet* backbones only")
     return build_resnet(name, out_features=("c5",), **options)
