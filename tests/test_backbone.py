@@ -148,6 +148,23 @@ def test_channels_last_matches_contiguous(name):
         torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("norm", ["bn", "frozen_bn"])
+def test_stem_equals_the_plain_ops_and_keeps_the_memory_format(norm):
+    # On CPU the stem runs channels-last inside and hands layer1 NCHW: same values and gradients.
+    model = resnet18(norm=norm).train()
+    x = _x(2, 64).requires_grad_()
+    out = model.forward_stem(x)
+    ref = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(ref)
+    grads = [torch.autograd.grad(y, (x, model.conv1.weight), g) for y in (out, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    cl = model.forward_stem(_x(2, 64).to(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("name", SMALL)
 def test_gradients_reach_every_trainable_parameter(name):
     model = BackboneWithFPN(_small(name, frozen_stages=2), FPN(_small(name).output_shape())).train()

@@ -8,7 +8,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from resdet.config import load_config
 from resdet.data import GroupedBatchSampler, InferenceSampler, TrainingSampler, aspect_ratio_group_ids
-from resdet.engine.builders import build_test_loader, build_train_loader, collate, num_loader_workers
+from resdet.engine.builders import SeededDataset, build_test_loader, build_train_loader, collate, num_loader_workers
 
 
 class _Toy(Dataset):
@@ -93,6 +93,29 @@ def test_train_and_test_loaders_from_config():
     shards = [[t["index"] for _, ts in build_test_loader(cfg, _Toy(10), rank=r, world_size=3) for t in ts]
               for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(10))  # each once, no padding duplicates
+
+
+class _Noisy(Dataset):
+    """Item i draws from the global torch, NumPy and Python generators (as augmentations do)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        import random
+        return torch.rand(2).tolist() + [float(np.random.rand()), random.random()]
+
+
+def test_seeded_items_repeat_and_leave_the_global_generators_alone():
+    seeded = SeededDataset(_Noisy(), seed=5)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    expected = torch.rand(3), np.random.rand()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    first = seeded[(1, 2)]
+    assert (torch.equal(torch.rand(3), expected[0]), np.random.rand()) == (True, expected[1])
+    assert seeded[(1, 2)] == first and seeded[(1, 3)] != first and seeded[(2, 2)] != first
 
 
 def test_inference_sampler_covers_each_item_once():

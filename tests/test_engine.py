@@ -14,7 +14,7 @@ from torch import nn
 from resdet.engine import checkpoint as ckpt_mod
 from resdet.engine.checkpoint import CheckpointManager
 from resdet.engine.lr_schedule import LRFactor, build_lr_scheduler
-from resdet.engine.optim import build_optimizer, param_groups
+from resdet.engine.optim import build_optimizer, clip_grad_norm, param_groups
 from resdet.engine.pretrained import load_pretrained
 from resdet.engine.trainer import Trainer, TrainingInterrupted
 
@@ -57,6 +57,47 @@ def test_no_decay_groups_cover_norm_and_bias():
     assert isinstance(build_optimizer(model, name="adamw", lr=1e-3), torch.optim.AdamW)
     with pytest.raises(ValueError, match="'lamb'"):
         build_optimizer(model, name="lamb", lr=1e-3)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_step_matches_the_per_parameter_loop(name):
+    torch.manual_seed(0)
+    # No conv bias before the BatchNorm: its gradient is rounding noise, which Adam scales up to ~lr.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Linear(6, 2))
+    twin = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Linear(6, 2))
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, name=name, lr=0.1, weight_decay=1e-2, no_decay_norm_bias=True)
+    assert all(g["fused"] for g in opt.param_groups)
+    groups = param_groups(twin, weight_decay=1e-2, no_decay_norm_bias=True)
+    ref = (torch.optim.SGD(groups, lr=0.1, momentum=0.9, foreach=False) if name == "sgd"
+           else torch.optim.AdamW(groups, lr=0.1, foreach=False))
+    for _ in range(3):
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            m(torch.linspace(-1, 1, 2 * 3 * 8 * 8).view(2, 3, 8, 8)).square().sum().backward()
+            o.step()
+    # Rounding differs (Adam's division by sqrt(v) + eps magnifies it); a wrong update would differ by ~lr.
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_clip_grad_norm_matches_torch(max_norm):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 3)) for _ in range(3)] + [nn.Parameter(torch.randn(2))]
+    for p in params[:3]:
+        p.grad = torch.randn_like(p)
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    before = [p.grad.clone() for p in params[:3]]
+    for p, q in zip(params[:3], twins):
+        q.grad = p.grad.clone()
+    norm = clip_grad_norm(params, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(twins, max_norm)
+    assert float(norm) == pytest.approx(float(expected))
+    for p, q in zip(params[:3], twins):
+        assert torch.equal(p.grad, q.grad)
+    clipped = not all(torch.equal(p.grad, b) for p, b in zip(params[:3], before))
+    assert clipped == (max_norm < float(norm))
 
 
 def test_checkpoint_keep_last_and_kill_during_write(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["NORM_TYPES", "param_groups", "build_optimizer", "scaled_lr"]
+__all__ = ["NORM_TYPES", "param_groups", "build_optimizer", "clip_grad_norm", "scaled_lr"]
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -43,6 +43,14 @@ def scaled_lr(lr: float, *, total_batch_size: int, base_batch_size: int) -> floa
     return lr * total_batch_size / base_batch_size
 
 
+def _fused(groups: list[dict]) -> bool:
+    """Whether torch's fused (one kernel for all parameters) SGD/AdamW step can run on these parameters:
+    floating point, all on one CPU or CUDA device."""
+    params = [p for g in groups for p in g["params"]]
+    return (bool(params) and len({p.device for p in params}) == 1 and params[0].device.type in ("cpu", "cuda")
+            and all(p.is_floating_point() for p in params))
+
+
 def build_optimizer(
     model: nn.Module,
     *,
@@ -56,13 +64,33 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over :func:`param_groups`.
 
+    The step is torch's fused implementation where it applies (:func:`_fused`): the same update in one
+    pass over the parameters instead of several tensor ops per parameter (torch's CPU default is the
+    per-parameter loop).
+
     Args:
         name: ``sgd`` or ``adamw``.
         lr: learning rate (already scaled for the total batch size).
     """
     groups = param_groups(model, weight_decay=weight_decay, no_decay_norm_bias=no_decay_norm_bias)
+    fused = {"fused": True} if _fused(groups) else {}
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **fused)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **fused)
     raise ValueError(f"optimizer name {name!r} is not 'sgd' or 'adamw'")
+
+
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that scales the gradients only when their norm exceeds ``max_norm``
+    (torch's multiplies every gradient by ``min(1, max_norm / norm)``, a pass over all of them at every
+    step). Returns the total 2-norm before clipping, like torch's."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norm = torch.nn.utils.get_total_norm(grads)
+    # torch's factor max_norm / (norm + 1e-6) is below 1 exactly here (and NaN for a NaN norm, as in torch).
+    # One host read; the trainer logs the norm anyway.
+    if not float(norm) + 1e-6 <= max_norm:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm

@@ -48,7 +48,7 @@ from .checkpoint import CheckpointError, CheckpointManager, capture_rng_state, l
 from .inference import amp_dtype, evaluate_model
 from .logger import MetricsWriter, ProgressBar, format_progress, setup_logger
 from .lr_schedule import LRFactor, build_lr_scheduler, resolve_schedule
-from .optim import build_optimizer, scaled_lr
+from .optim import build_optimizer, clip_grad_norm, scaled_lr
 from .pretrained import load_pretrained
 
 __all__ = ["Trainer", "TrainingInterrupted", "seed_everything"]
@@ -351,7 +351,7 @@ class Trainer:
                 logged[k] = logged.get(k, 0.0) + v / accumulate
         if self.cfg.solver.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.solver.clip_grad_norm)
+            norm = clip_grad_norm(list(self.model.parameters()), self.cfg.solver.clip_grad_norm)
             logged["grad_norm"] = float(norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
