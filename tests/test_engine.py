@@ -81,8 +81,26 @@ def test_fused_optimizer_step_matches_the_per_parameter_loop(name):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4)
 
 
+def test_optimizer_falls_back_where_torch_has_no_fused_step(monkeypatch):
+    class _NoFusedSGD(torch.optim.SGD):  # a torch (or device) without the fused step
+        def __init__(self, *args, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("fused=True is not supported")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", _NoFusedSGD)
+    opt = build_optimizer(nn.Linear(3, 2), name="sgd", lr=0.1)
+    assert isinstance(opt, _NoFusedSGD) and not any(g.get("fused") for g in opt.param_groups)
+    assert all(g["fused"] for g in build_optimizer(nn.Linear(3, 2), name="adamw", lr=0.1).param_groups)
+
+
+@pytest.mark.parametrize("old_torch", [False, True])
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])
-def test_clip_grad_norm_matches_torch(max_norm):
+def test_clip_grad_norm_matches_torch(max_norm, old_torch, monkeypatch):
+    reference = torch.nn.utils.clip_grad_norm_
+    if old_torch:  # torch < 2.6: no get_total_norm / clip_grads_with_norm_
+        monkeypatch.delattr(torch.nn.utils, "get_total_norm", raising=False)
+        monkeypatch.delattr(torch.nn.utils, "clip_grads_with_norm_", raising=False)
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(5, 3)) for _ in range(3)] + [nn.Parameter(torch.randn(2))]
     for p in params[:3]:
@@ -92,7 +110,7 @@ def test_clip_grad_norm_matches_torch(max_norm):
     for p, q in zip(params[:3], twins):
         q.grad = p.grad.clone()
     norm = clip_grad_norm(params, max_norm)
-    expected = torch.nn.utils.clip_grad_norm_(twins, max_norm)
+    expected = reference(twins, max_norm)
     assert float(norm) == pytest.approx(float(expected))
     for p, q in zip(params[:3], twins):
         assert torch.equal(p.grad, q.grad)

@@ -23,7 +23,9 @@ import json
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
+    """Runs the tool; ``own_process``: this process is the tool's (run as a script), so it may tune the
+    C allocator (``resdet.engine.malloc``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="YAML config (default: the config stored in a resdet checkpoint)")
@@ -34,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     from resdet.engine.cli import run_guarded
 
+    if own_process:
+        from resdet.engine.malloc import tune_malloc
+
+        tune_malloc()
     return run_guarded(lambda: _test(args), debug=args.debug)
 
 
@@ -57,4 +63,4 @@ def _test(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(own_process=True))

@@ -32,10 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, own_process: bool = False) -> int:
+    """Runs the tool; ``own_process``: this process is the tool's (run as a script), so it may tune the
+    C allocator (``resdet.engine.malloc``)."""
     args = parse_args(argv)
     from resdet.engine.cli import run_guarded
 
+    if own_process:
+        from resdet.engine.malloc import tune_malloc
+
+        tune_malloc()
     return run_guarded(lambda: _train(args), debug=args.debug)
 
 
@@ -60,4 +66,4 @@ def _train(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(own_process=True))

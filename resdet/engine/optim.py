@@ -43,12 +43,30 @@ def scaled_lr(lr: float, *, total_batch_size: int, base_batch_size: int) -> floa
     return lr * total_batch_size / base_batch_size
 
 
-def _fused(groups: list[dict]) -> bool:
-    """Whether torch's fused (one kernel for all parameters) SGD/AdamW step can run on these parameters:
-    floating point, all on one CPU or CUDA device."""
+_FUSED_SUPPORT: dict[tuple[type, str], bool] = {}
+
+
+def _fused_supported(cls: type[torch.optim.Optimizer], device: torch.device) -> bool:
+    """Whether this torch has a fused ``cls`` step on ``device``'s type: one probe step on a one-element
+    parameter, once per (class, device type). torch before 2.4 has no fused CPU step, and some devices none."""
+    key = (cls, device.type)
+    if key not in _FUSED_SUPPORT:
+        try:
+            probe = torch.zeros(1, device=device, requires_grad=True)
+            probe.grad = torch.zeros_like(probe)
+            cls([probe], lr=0.0, fused=True).step()
+            _FUSED_SUPPORT[key] = True
+        except (TypeError, RuntimeError, ValueError, NotImplementedError):
+            _FUSED_SUPPORT[key] = False
+    return _FUSED_SUPPORT[key]
+
+
+def _fused(cls: type[torch.optim.Optimizer], groups: list[dict]) -> bool:
+    """Whether torch's fused (one kernel for all parameters) step can run on these parameters: floating
+    point, all on one device whose type has a fused ``cls`` step (:func:`_fused_supported`)."""
     params = [p for g in groups for p in g["params"]]
-    return (bool(params) and len({p.device for p in params}) == 1 and params[0].device.type in ("cpu", "cuda")
-            and all(p.is_floating_point() for p in params))
+    return (bool(params) and len({p.device for p in params}) == 1 and all(p.is_floating_point() for p in params)
+            and _fused_supported(cls, params[0].device))
 
 
 def build_optimizer(
@@ -66,17 +84,18 @@ def build_optimizer(
 
     The step is torch's fused implementation where it applies (:func:`_fused`): the same update in one
     pass over the parameters instead of several tensor ops per parameter (torch's CPU default is the
-    per-parameter loop).
+    per-parameter loop). Elsewhere torch's default implementation runs.
 
     Args:
         name: ``sgd`` or ``adamw``.
         lr: learning rate (already scaled for the total batch size).
     """
     groups = param_groups(model, weight_decay=weight_decay, no_decay_norm_bias=no_decay_norm_bias)
-    fused = {"fused": True} if _fused(groups) else {}
     if name == "sgd":
+        fused = {"fused": True} if _fused(torch.optim.SGD, groups) else {}
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, **fused)
     if name == "adamw":
+        fused = {"fused": True} if _fused(torch.optim.AdamW, groups) else {}
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **fused)
     raise ValueError(f"optimizer name {name!r} is not 'sgd' or 'adamw'")
 
@@ -84,13 +103,21 @@ def build_optimizer(
 def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` that scales the gradients only when their norm exceeds ``max_norm``
     (torch's multiplies every gradient by ``min(1, max_norm / norm)``, a pass over all of them at every
-    step). Returns the total 2-norm before clipping, like torch's."""
+    step). Returns the total 2-norm before clipping, like torch's; the clipped gradients are torch's."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    norm = torch.nn.utils.get_total_norm(grads)
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if total_norm is not None:
+        norm = total_norm(grads)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     # torch's factor max_norm / (norm + 1e-6) is below 1 exactly here (and NaN for a NaN norm, as in torch).
     # One host read; the trainer logs the norm anyway.
     if not float(norm) + 1e-6 <= max_norm:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+        clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
+        if clip_with_norm is not None:
+            clip_with_norm(parameters, max_norm, norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     return norm
