@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from resdet.layers.conv import Conv2d
-from resdet.layers.norm import NORMS, conv_norm_forward, get_norm, is_norm
+from resdet.layers.norm import NORMS, conv_norm_forward, get_norm, is_norm, saving_folded_weights
 from resdet.layers.policy import tracing
 from resdet.layers.shape_spec import ShapeSpec
 
@@ -89,9 +89,14 @@ class _ResidualBlock(nn.Module):
     def _inner(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    @torch.jit.unused
+    def _checkpointed(self, x: Tensor) -> Tensor:
+        with saving_folded_weights():  # the checkpoint's hooks must see every saved tensor
+            return self._inner(x)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.with_cp and self.training and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(self._inner, x, use_reentrant=False)
+            return checkpoint(self._checkpointed, x, use_reentrant=False)
         return self._inner(x)
 
 

@@ -1,12 +1,16 @@
 """Normalization layers selectable by name: ``bn``, ``frozen_bn``, ``sync_bn``, ``gn``."""
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import policy
 from .conv import PLAIN_CONVS, conv_with_weights
 
-__all__ = ["NORMS", "FrozenBatchNorm2d", "conv_norm_forward", "get_norm", "is_norm"]
+__all__ = ["NORMS", "FrozenBatchNorm2d", "conv_norm_forward", "get_norm", "is_norm", "saving_folded_weights"]
 
 
 def __getattr__(name: str):
@@ -80,6 +84,56 @@ class FrozenBatchNorm2d(nn.Module):
         return module
 
 
+_RECOMPUTE_FOLDED = contextvars.ContextVar("resdet_recompute_folded_weights", default=True)
+
+
+@contextlib.contextmanager
+def saving_folded_weights() -> Iterator[None]:
+    """Within: autograd keeps the folded weights of :func:`conv_norm_forward` as any saved tensor, instead of
+    recomputing them in the backward. For code that packs saved tensors itself (non-reentrant activation
+    checkpointing, ``torch.autograd.graph.saved_tensors_hooks``), whose hooks must see every saved tensor."""
+    token = _RECOMPUTE_FOLDED.set(False)
+    try:
+        yield
+    finally:
+        _RECOMPUTE_FOLDED.reset(token)
+
+
+class _Folded:
+    """What autograd keeps in place of a folded weight ``weight * scale``: the two factors (a parameter and a
+    Tensor[O, 1, 1, 1]), multiplied again when the backward needs the product."""
+
+    __slots__ = ("weight", "scale")
+
+    def __init__(self, weight: Tensor, scale: Tensor) -> None:
+        self.weight, self.scale = weight, scale
+
+    def product(self) -> Tensor:
+        return self.weight * self.scale
+
+
+def _conv_recomputing_weight(conv: nn.Module, x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """``conv_with_weights(conv, x, conv.weight * scale, bias)`` where the convolution's backward gets the
+    folded weight by recomputing it rather than from a copy kept since the forward: a trainable backbone
+    would otherwise hold a second copy of all its conv weights (~80 MiB for ResNet-34) from forward to
+    backward, which torchvision's separate conv and frozen BatchNorm do not."""
+    weight = conv.weight * scale
+    # Identified by address, shape and dtype: the hooks live as long as the saved tensors and must not
+    # hold the folded weight themselves.
+    key = (weight.data_ptr(), weight.shape, weight.dtype)
+
+    def pack(t: Tensor) -> Any:
+        if (t.data_ptr(), t.shape, t.dtype) == key:
+            return _Folded(conv.weight, scale)
+        return t
+
+    def unpack(saved: Any) -> Tensor:
+        return saved.product() if isinstance(saved, _Folded) else saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return conv_with_weights(conv, x, weight, bias)
+
+
 def conv_norm_forward(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
     """``norm(conv(x))``, with a frozen BatchNorm folded into the convolution.
 
@@ -89,13 +143,20 @@ def conv_norm_forward(conv: nn.Module, norm: nn.Module, x: Tensor) -> Tensor:
     device, and traced or exported models record the same two steps. Gradients reach ``conv.weight``
     through the scaling, so trainable convolutions train as before; parameters and state dict stay those
     of the separate modules (torchvision's names). Other pairs run as ``norm(conv(x))``.
+
+    In eager training the backward recomputes a trainable folded weight instead of keeping it from the
+    forward (:func:`_conv_recomputing_weight`; not under :func:`saving_folded_weights`, tracing, scripting
+    or ``torch.compile``).
     """
     if type(norm) is FrozenBatchNorm2d and type(conv) in PLAIN_CONVS and conv.padding_mode == "zeros":
         scale, shift = norm.scale_shift()
-        # [O] -> [O, 1, 1, 1] scales every output filter.
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
         bias = shift if conv.bias is None else conv.bias * scale + shift
-        return conv_with_weights(conv, x, weight, bias.to(conv.weight.dtype))
+        # [O] -> [O, 1, 1, 1] scales every output filter.
+        scale = scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
+        if (conv.weight.requires_grad and torch.is_grad_enabled() and _RECOMPUTE_FOLDED.get()
+                and not policy.tracing(x) and not torch.compiler.is_compiling()):
+            return _conv_recomputing_weight(conv, x, scale, bias.to(conv.weight.dtype))
+        return conv_with_weights(conv, x, conv.weight * scale, bias.to(conv.weight.dtype))
     return norm(conv(x))
 
 
