@@ -8,6 +8,8 @@ import pytest
 
 from resdet.engine.malloc import tune_malloc
 
+from helpers import load_tool_module
+
 _CHILD = """
 import resource, torch
 from resdet.engine.malloc import tune_malloc
@@ -58,16 +60,10 @@ def test_no_glibc_or_no_mallopt_is_a_quiet_no_op(monkeypatch):
 @pytest.mark.parametrize("tool", ["train", "test"])
 def test_tools_tune_only_their_own_process(tool, monkeypatch):
     # Imported (a notebook, a test, another program): main() leaves the allocator alone; as a script it tunes.
-    import importlib.util
-    from pathlib import Path
-
     import resdet.engine.cli as cli
     import resdet.engine.malloc as malloc
 
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{tool}.py"
-    spec = importlib.util.spec_from_file_location(f"_tool_{tool}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_tool_module(tool)
     calls = []
     monkeypatch.setattr(malloc, "tune_malloc", lambda: calls.append(1) or True)
     monkeypatch.setattr(cli, "run_guarded", lambda fn, debug=False: 0)

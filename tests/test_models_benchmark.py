@@ -5,6 +5,7 @@ import json
 import pathlib
 
 import pytest
+import torch
 
 from resdet.layers import policy
 
@@ -107,3 +108,20 @@ def test_the_library_imports_no_benchmark_harness():
                 continue
             assert not any(n == "resdet.benchmark" or n.split(".")[0] in ("tools", "bench", "resdet_bench")
                            for n in names), (str(path), names)
+
+
+def test_main_job_row_is_the_main_jobs_model_against_torchvisions_twin(capsys):
+    main_job = bench("main_job")
+    small = ["model.backbone=resnet18", "model.min_size=64", "model.max_size=64", "data.batch_size=1",
+             "model.box_score_thresh=0.0", "train.amp=none"]
+    cfg, rd, tv = main_job.build_main_job_pair(main_job.DEFAULT_CONFIG, small)
+    assert cfg.model.options["fpn_out_channels"] == 128  # the main job's own (lighter) heads
+    image = torch.rand(3, 64, 64)
+    with torch.no_grad():
+        ours, theirs = rd.eval()([image])[0], tv.eval()([image])[0]
+    assert len(ours["boxes"]) == len(theirs["boxes"]) > 0
+    torch.testing.assert_close(ours["boxes"], theirs["boxes"], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(ours["masks"], theirs["masks"], atol=1e-3, rtol=1e-4)
+    load_tool("benchmark")(["--main-job", "--main-job-overrides", *small, "--iters", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "| mask_rcnn_resnet18_fpn | main job b1 64x64 float32 |" in out

@@ -11,6 +11,8 @@ Examples::
     python tools/benchmark.py --arch faster mask --depth 34 50 --iters 7
     python tools/benchmark.py --train 2x800x1066 --sizes 800x1066 --threads 2
     python tools/benchmark.py --device cuda --amp
+    python tools/benchmark.py --main-job --threads 2                    # the main job's step (tools/train.py)
+    python tools/benchmark.py --main-job --main-job-overrides train.amp=none --threads 2   # ... in float32
     python tools/benchmark.py --tune --threads 2 --tune-out thresholds.json  # RESDET_FAST_PATHS_THRESHOLDS=...
 """
 from __future__ import annotations
@@ -63,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune", action="store_true",
                    help="only re-measure the fast-path thresholds for this machine and print them")
     p.add_argument("--tune-out", default=None, help="with --tune: write the thresholds to this JSON file")
+    p.add_argument("--main-job", nargs="?", const="configs/shapes/mask_rcnn_r34_fpn.yaml", default=None,
+                   metavar="CONFIG", help="only the main job's training step (its config, sizes, batch, dtype; "
+                   "default: the config python tools/train.py runs) against torchvision's same model")
+    p.add_argument("--main-job-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for --main-job, e.g. train.amp=none (float32)")
     p.add_argument("--rows-json", default=None, help=argparse.SUPPRESS)  # internal: the memory child's output
     return p.parse_args(argv)
 
@@ -88,7 +95,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_fast_paths or args.no_winograd:
         switch = resdet.fast_paths(False, *(() if args.no_fast_paths else ("winograd",)))
     with switch:
-        _run(args, argv)
+        if args.main_job:
+            _main_job(args)
+        else:
+            _run(args, argv)
+
+
+def _main_job(args: argparse.Namespace) -> None:
+    harness = bench("harness")
+    rows = bench("main_job").bench_main_job(args.main_job, args.main_job_overrides, iters=args.iters,
+                                            warmup=args.warmup, device=args.device)
+    print(harness.format_rows(rows))
+    print("\nratio = resdet / torchvision; < 1 means resdet is faster\n")
+    print(harness.format_markdown(rows))
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> None:
