@@ -197,6 +197,21 @@ class Bottleneck(_ResidualBlock):
 Block = Union[type[BasicBlock], type[Bottleneck]]
 
 
+def _stage_layout(num_stages: int, output_stride: int) -> list[tuple[int, int, int, int]]:
+    """Per stage: (stride of its first block, dilation of its first block, dilation of the others,
+    output stride after it). Strides beyond ``output_stride`` become dilation, as in torchvision's
+    ``replace_stride_with_dilation``."""
+    layout, stride_now, dilation = [], 4, 1
+    for i in range(num_stages):
+        stride = 1 if i == 0 else 2
+        previous_dilation = dilation
+        if stride_now * stride > output_stride:
+            dilation, stride = dilation * stride, 1
+        stride_now *= stride
+        layout.append((stride, previous_dilation, dilation, stride_now))
+    return layout
+
+
 class _TrunkBase(nn.Module):
     """What the ResNet trunks (ImageNet and CIFAR) share: freezing the stem and the first stages, norm
     layers kept in eval mode, and the ``output_shape()`` of the returned levels. Subclasses set
@@ -332,13 +347,9 @@ class ResNet(_TrunkBase):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         self._shapes = {}
-        inplanes, stride_now, dilation = 64, 4, 1
-        for i in range(self.num_stages):
-            stride = 1 if i == 0 else 2
-            previous_dilation = dilation
-            if stride_now * stride > output_stride:
-                dilation, stride = dilation * stride, 1
-            stride_now *= stride
+        inplanes = 64
+        layout = _stage_layout(self.num_stages, output_stride)
+        for i, (stride, previous_dilation, dilation, stride_now) in enumerate(layout):
             planes = _STAGE_PLANES[i]
             downsample = None
             if stride != 1 or inplanes != planes * block.expansion:
@@ -361,6 +372,30 @@ class ResNet(_TrunkBase):
 
             load_resnet_weights(self, weights)
         self._freeze()
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def set_output_stride(self, output_stride: int) -> None:
+        """Re-lay the strides and dilations of the stages for ``output_stride`` (32, 16 or 8), in place.
+
+        The weights are the same at every output stride; only the convolutions' stride, dilation and
+        padding change (DeepLab trains at 16 and evaluates at 8 this way).
+        """
+        if output_stride not in _OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {_OUTPUT_STRIDES}, got {output_stride}")
+        layout = _stage_layout(self.num_stages, output_stride)
+        for i, (stride, previous_dilation, dilation, stride_now) in enumerate(layout):
+            for j, block in enumerate(getattr(self, f"layer{i + 1}")):
+                d = previous_dilation if j == 0 else dilation
+                for conv in (block.conv1, block.conv2) if isinstance(block, BasicBlock) else (block.conv2,):
+                    conv.dilation, conv.padding = (d, d), (d, d)
+                if j == 0:
+                    strided = block.conv1 if isinstance(block, BasicBlock) else block.conv2
+                    strided.stride = (stride, stride)
+                    block.stride = stride
+                    if block.downsample is not None:
+                        block.downsample[0].stride = (stride, stride)
+            self._shapes[LEVELS[i]] = ShapeSpec(channels=self._shapes[LEVELS[i]].channels, stride=stride_now)
+        self.output_stride = output_stride
 
     # ---------------------------------------------------------------------------------------- forward
     def forward_stem(self, x: Tensor) -> Tensor:

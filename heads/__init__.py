@@ -31,3 +31,7 @@ __all__ = [
 from .semantic_head import SemanticFPNHead  # noqa: E402  (helper F)
 
 __all__ += ["SemanticFPNHead"]
+
+from .deeplab_head import ASPP, DeepLabV3Head, DeepLabV3PlusHead, FCNHead  # noqa: E402
+
+__all__ += ["ASPP", "DeepLabV3Head", "DeepLabV3PlusHead", "FCNHead"]

@@ -1,5 +1,5 @@
 """End to end on the Cityscapes layout: tools/train.py, then tools/test.py, then tools/infer.py, for the
-shipped Mask R-CNN and semantic FPN configs with only the data root and tiny size/iteration overrides.
+shipped Mask R-CNN, semantic FPN and DeepLabV3+ configs with only the data root and tiny size/iteration overrides.
 (The VOC2012-only detection run waits on the VOC validation year fix in resdet/engine/builders.py.)"""
 from __future__ import annotations
 
@@ -50,4 +50,15 @@ def test_cityscapes_semantic_fpn(tmp_path, capsys):
     results = _run_all("configs/cityscapes/semantic_fpn_r34.yaml", [f"data.root={root}",
                        "model.options.crop_size=[32,64]"], tmp_path / "out", root / "leftImg8bit" / "val" / "aachen",
                        capsys, ["road", "sky", "car"])
+    assert all("class_fractions" in r for r in results)
+
+
+def test_cityscapes_deeplabv3plus_with_sliding_window_evaluation(tmp_path, capsys):
+    root = tmp_path / "cityscapes"
+    for split in ("train", "val"):
+        write_cityscapes(root, split)
+    results = _run_all("configs/cityscapes/deeplabv3plus_r50.yaml", [
+        f"data.root={root}", "model.options.crop_size=[32,64]",
+        "model.options.test_crop_size=[32,32]", "model.options.test_stride=[32,16]"],
+        tmp_path / "out", root / "leftImg8bit" / "val" / "aachen", capsys, ["road", "sky", "car"])
     assert all("class_fractions" in r for r in results)

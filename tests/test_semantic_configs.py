@@ -29,6 +29,28 @@ def test_semantic_configs_build(name, num_classes, dataset):
         assert t.crop_size == (512, 512) and t.min_size == (512,)
 
 
+@pytest.mark.parametrize(
+    "name, num_classes, crop, min_size",
+    [("cityscapes/deeplabv3plus_r50", 19, (512, 1024), None), ("voc/deeplabv3plus_r50", 21, (512, 512), (512,)),
+     ("shapes/deeplabv3plus_r34", 5, None, None)],
+)
+def test_deeplabv3plus_configs_build(name, num_classes, crop, min_size):
+    from resdet.engine.lr_schedule import resolve_schedule
+
+    cfg = load_config(os.path.join(REPO, "configs", f"{name}.yaml"), ["model.backbone_weights=null"])
+    assert (cfg.model.arch, cfg.data.task, cfg.eval.evaluator) == ("deeplabv3plus", "semantic", "sem_seg")
+    model = build_model(cfg)
+    assert model.num_classes == num_classes and model.backbone.output_stride == 16
+    assert model.classifier.aspp.rates == (6, 12, 18)
+    assert model.transform.crop_size == crop and model.transform.min_size == min_size
+    if crop is not None:  # the published recipes: poly 0.9, lr 0.01 for 16 images
+        s = cfg.solver
+        assert (s.schedule, s.poly_power, s.lr, s.base_batch_size) == ("poly", 0.9, 0.01, 16)
+        assert model.transform.scale_range == (0.5, 2.0)
+        # A short run keeps the warmup inside it (fractions of max_iter).
+        resolve_schedule(max_iter=50, steps=s.steps, warmup_iters=s.warmup_iters, schedule=s.schedule)
+
+
 def test_cityscapes_mask_rcnn_config():
     cfg = load_config(os.path.join(REPO, "configs", "cityscapes", "mask_rcnn_r34_fpn.yaml"))
     assert (cfg.model.arch, cfg.model.num_classes, cfg.data.task) == ("mask_rcnn", 9, "instance")

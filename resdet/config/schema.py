@@ -159,14 +159,15 @@ class SolverConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     no_decay_norm_bias: bool = False  # no weight decay on normalization weights and on biases
-    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    schedule: Literal["multistep", "cosine", "poly", "constant"] = "multistep"
     max_iter: Count = 90000
     steps: list[IterOrFraction] = field(default_factory=lambda: [60000, 80000])  # < 1: fraction of max_iter
     gamma: float = 0.1
     warmup_iters: IterOrFraction = 1000  # iterations; < 1: a fraction of max_iter
     warmup_factor: float = 0.001
     warmup_method: Literal["linear", "constant"] = "linear"  # constant: warmup_factor * lr throughout the warmup
-    min_lr_factor: float = 0.0  # cosine floor as a fraction of lr
+    min_lr_factor: float = 0.0  # cosine / poly floor as a fraction of lr
+    poly_power: float = 0.9  # poly: lr * (1 - iter / max_iter) ** poly_power
     clip_grad_norm: float | None = None
     accumulate: Count = 1  # micro-batches per optimizer step
     base_batch_size: Count = 16

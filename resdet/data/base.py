@@ -138,7 +138,24 @@ class DetectionDatasetBase(Dataset):
         if image.shape[:2] != (height, width):
             raise ImageReadError(f"{record['path']!r} is {image.shape[0]}x{image.shape[1]} (HxW) but {source} says "
                                  f"{height}x{width}")
+        if "sem_seg" in target:
+            self._check_sem_seg(record, target["sem_seg"])
         return image, target
+
+    def _sem_seg_file(self, record: dict[str, Any]) -> str:
+        """The file an item's semantic labels come from (named in errors)."""
+        return record["path"]
+
+    def _check_sem_seg(self, record: dict[str, Any], sem_seg: np.ndarray) -> None:
+        """Raise naming the label file when a semantic label is outside ``0..num_classes-1`` and not ignored."""
+        num_classes = getattr(self, "num_classes", None)
+        if num_classes is None:
+            return
+        bad = (sem_seg != IGNORE_LABEL) & ((sem_seg < 0) | (sem_seg >= num_classes))
+        if bad.any():
+            values = np.unique(sem_seg[bad])
+            raise ValueError(f"{self._sem_seg_file(record)!r}: semantic label(s) {values[:8].tolist()} at "
+                             f"{int(bad.sum())} pixels, expected 0..{num_classes - 1} or {IGNORE_LABEL} (ignored)")
 
     def get_image_size(self, index: int) -> tuple[int, int]:
         """(height, width) of an item's image from the annotations, without reading the image."""

@@ -118,6 +118,10 @@ class CityscapesDataset(DetectionDatasetBase):
     def _item_name(self, record: dict[str, Any]) -> str:
         return os.path.basename(record["path"])
 
+    def _sem_seg_file(self, record: dict[str, Any]) -> str:
+        return record.get("labelIds", record["path"])
+
     def _expected_size(self, record: dict[str, Any], target: dict[str, Any]) -> tuple[tuple[int, int], str]:
         shape = target["sem_seg"].shape if "sem_seg" in target else target["masks"].shape[1:]
-        return (int(shape[0]), int(shape[1])), "its gtFine maps"
+        source = record.get("labelIds") if "sem_seg" in target else record.get("instanceIds")
+        return (int(shape[0]), int(shape[1])), repr(source) if source else "its gtFine maps"

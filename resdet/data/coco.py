@@ -217,13 +217,18 @@ class CocoDataset(DetectionDatasetBase):
             masks = [self._ann_mask(a["ann"], a["box"], height, width) for a in anns]
             target["masks"] = np.stack(masks) if masks else np.zeros((0, height, width), dtype=np.uint8)
         if self.sem_seg_dir is not None:
-            stem = os.path.splitext(os.path.basename(record["path"]))[0]
-            sem = read_label_map(os.path.join(self.sem_seg_dir, stem + ".png"))
+            sem_file = self._sem_seg_file(record)
+            sem = read_label_map(sem_file)
             if sem.shape != (height, width):
-                raise ImageReadError(f"semantic map for {record['path']!r} is {sem.shape}, expected "
-                                     f"{(height, width)}")
+                raise ImageReadError(f"{sem_file!r} is {sem.shape[0]}x{sem.shape[1]} (HxW) but the image "
+                                     f"{record['path']!r} is {height}x{width}")
             target["sem_seg"] = sem
         return target
 
     def _expected_size(self, record: dict[str, Any], target: dict[str, Any]) -> tuple[tuple[int, int], str]:
         return (record["height"], record["width"]), self.ann_file
+
+    def _sem_seg_file(self, record: dict[str, Any]) -> str:
+        if self.sem_seg_dir is None:
+            return record["path"]
+        return os.path.join(self.sem_seg_dir, os.path.splitext(os.path.basename(record["path"]))[0] + ".png")

@@ -211,6 +211,14 @@ class VOCDataset(DetectionDatasetBase):
     def _item_name(self, record: dict[str, Any]) -> str:
         return record["file_id"]
 
+    def _sem_seg_file(self, record: dict[str, Any]) -> str:
+        return record.get("SegmentationClass", record["path"])
+
+    def _expected_size(self, record: dict[str, Any], target: dict[str, Any]) -> tuple[tuple[int, int], str]:
+        if self.task == "detection":
+            return super()._expected_size(record, target)
+        return (int(record["height"]), int(record["width"])), repr(record["SegmentationClass"])
+
     def get_annotation(self, index: int) -> dict[str, torch.Tensor]:
         """Every object (difficult ones included, flagged) in original pixels; no image decoding."""
         return target_to_tensors(self.load_target(index, all_objects=True))

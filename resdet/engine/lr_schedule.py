@@ -1,4 +1,4 @@
-"""Per-iteration learning-rate schedules: linear (or constant) warmup followed by multistep, cosine or constant.
+"""Per-iteration learning-rate schedules: linear (or constant) warmup followed by multistep, cosine, poly or constant.
 
 ``solver.steps`` and ``solver.warmup_iters`` may be written as fractions of ``solver.max_iter`` (a value
 below 1, e.g. ``steps: [0.75, 0.94]``, ``warmup_iters: 0.1``) so that the schedule follows the run length;
@@ -23,15 +23,17 @@ class LRFactor:
     """Multiplier of the base learning rate after ``it`` optimizer steps (a picklable callable).
 
     Args:
-        schedule: ``multistep``, ``cosine`` or ``constant``.
-        max_iter: total optimizer steps (cosine reaches ``min_factor`` there).
+        schedule: ``multistep``, ``cosine``, ``poly`` or ``constant``.
+        max_iter: total optimizer steps (cosine and poly reach ``min_factor`` there).
         steps: multistep milestones (iterations).
         gamma: multistep decay per milestone.
         warmup_iters: warmup length; 0 disables warmup.
         warmup_factor: factor at iteration 0, rising linearly to 1 at ``warmup_iters`` (``linear``), or held
             until then (``constant``: He et al.'s 0.01 start of ResNet-110 on CIFAR).
         warmup_method: ``linear`` or ``constant``.
-        min_factor: cosine floor.
+        min_factor: cosine and poly floor.
+        power: poly exponent: ``min_factor + (1 - min_factor) * (1 - it / max_iter) ** power`` (DeepLab's
+            schedule, 0.9).
     """
 
     schedule: str = "multistep"
@@ -42,10 +44,11 @@ class LRFactor:
     warmup_factor: float = 0.001
     min_factor: float = 0.0
     warmup_method: str = "linear"
+    power: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("multistep", "cosine", "constant"):
-            raise ValueError(f"schedule {self.schedule!r} is not multistep, cosine or constant")
+        if self.schedule not in ("multistep", "cosine", "poly", "constant"):
+            raise ValueError(f"schedule {self.schedule!r} is not multistep, cosine, poly or constant")
         if self.warmup_method not in ("linear", "constant"):
             raise ValueError(f"warmup_method {self.warmup_method!r} is not linear or constant")
         if list(self.steps) != sorted(self.steps):
@@ -58,6 +61,9 @@ class LRFactor:
         elif self.schedule == "cosine":
             t = min(it, self.max_iter) / max(1, self.max_iter)
             factor = self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+        elif self.schedule == "poly":
+            t = min(it, self.max_iter) / max(1, self.max_iter)
+            factor = self.min_factor + (1 - self.min_factor) * (1 - t) ** self.power
         else:
             factor = 1.0
         if it < self.warmup_iters:

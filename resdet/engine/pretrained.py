@@ -5,6 +5,8 @@
 * a resdet checkpoint (``{"model": state_dict, ...}`` written by the trainer),
 * a torchvision detection checkpoint (``backbone.body.*``, ``rpn.*``, ``roi_heads.*`` keys; renamed with
   ``resdet.models.torchvision_compat.convert_torchvision_state_dict`` when that gives more matches),
+* a torchvision segmentation checkpoint (DeepLabV3 / FCN: ``backbone.*``, ``classifier.*``,
+  ``aux_classifier.*``, the keys of resdet's DeepLab),
 * an ImageNet torchvision/timm ResNet checkpoint (``conv1.*``, ``layer1.*``...; its keys go under the
   model's backbone body prefix and the classifier is dropped, except for an image classifier, whose
   ``fc`` it fills when the class counts agree).
@@ -13,11 +15,13 @@ Tensors whose shape differs from the model's (another ``num_classes``) keep the 
 initialisation and are listed as skipped. That is what fine-tuning wants; evaluation and inference want
 every tensor: ``load_complete(model, path)`` refuses a checkpoint that leaves any part of the model at its
 random initialisation (an ImageNet backbone alone, a torchvision model of another depth or class count),
-naming what is missing.
+naming what is missing. The ResNet's keys follow the model: ``backbone.body.*`` of a detector load into a DeepLab's
+``backbone.*`` and the other way round.
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +39,7 @@ class LoadReport:
     """What ``load_pretrained`` did.
 
     Attributes:
-        source: ``resdet``, ``torchvision_detection`` or ``imagenet_backbone``.
+        source: ``resdet``, ``torchvision_detection``, ``torchvision_segmentation`` or ``imagenet_backbone``.
         loaded: model keys filled from the checkpoint.
         skipped: ``(key, checkpoint shape, model shape)`` for shape mismatches (kept re-initialised).
         missing: model keys the checkpoint lacks (kept as initialised).
@@ -121,6 +125,25 @@ def _convert_torchvision(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return convert_torchvision_state_dict(sd)
 
 
+def _is_torchvision_segmentation(sd: dict[str, Tensor]) -> bool:
+    from resdet.models.torchvision_segmentation import is_torchvision_segmentation
+
+    return is_torchvision_segmentation(sd)
+
+
+def _match_body_prefix(sd: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """ResNet keys moved from the checkpoint's body prefix to the model's: ``backbone.body.*`` (detectors,
+    semantic FPN) ↔ ``backbone.*`` (DeepLab, torchvision's segmentation models)."""
+    try:
+        have, want = _body_prefix(list(sd)), _body_prefix(list(target))
+    except ValueError:
+        return sd
+    if have == want:
+        return sd
+    body = re.compile(rf"^{re.escape(have)}(conv1|bn1|layer\d)\.")
+    return {want + k[len(have):] if body.match(k) else k: v for k, v in sd.items()}
+
+
 def _count_fitting(sd: dict[str, Tensor], target: dict[str, Tensor]) -> int:
     return sum(1 for k, v in sd.items() if k in target and target[k].shape == v.shape)
 
@@ -133,6 +156,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     target = model.state_dict()
     if is_resdet:
         source = "resdet"
+    elif _is_torchvision_segmentation(sd):
+        source = "torchvision_segmentation"  # DeepLabV3 / FCN: resdet's DeepLab has the same keys
     elif any(k.startswith(("rpn.", "roi_heads.", "backbone.")) for k in sd):
         source = "torchvision_detection"
         converted = _convert_torchvision(sd)
@@ -145,6 +170,8 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
         own_fc = bool(prefix) and "fc.weight" in target
         sd = {(k if own_fc and k.startswith("fc.") else prefix + k): v for k, v in sd.items()
               if (own_fc and k.startswith("fc.")) or not k.startswith(("fc.", "head.fc.", "classifier."))}
+    if source != "imagenet_backbone":
+        sd = _match_body_prefix(sd, target)
     report = LoadReport(path=os.fspath(path), source=source)
     model_space = label_space_of(model)
     source_space = checkpoint_label_space(sd, extras) if model_space else None

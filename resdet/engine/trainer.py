@@ -132,7 +132,7 @@ class Trainer:
         self.base_lr = lr
         self.lr_factor = LRFactor(schedule=s.schedule, max_iter=s.max_iter, steps=steps, gamma=s.gamma,
                                   warmup_iters=warmup, warmup_factor=s.warmup_factor, min_factor=s.min_lr_factor,
-                                  warmup_method=s.warmup_method)
+                                  warmup_method=s.warmup_method, power=s.poly_power)
         self.scheduler = build_lr_scheduler(self.optimizer, self.lr_factor)
         self.amp_dtype = amp_dtype(cfg.train.amp, self.device)
         if cfg.train.amp == "auto":

@@ -1,4 +1,5 @@
-"""Load torchvision's Faster / Mask R-CNN (ResNet-FPN) models and checkpoints into resdet detectors.
+"""Load torchvision's Faster / Mask R-CNN (ResNet-FPN) models and checkpoints into resdet detectors
+(DeepLabV3 / FCN: :mod:`resdet.models.torchvision_segmentation`).
 
 resdet keeps torchvision's parameter names (``backbone.body.*``, ``backbone.fpn.inner_blocks.i.0``,
 ``rpn.head.conv.i.0``, ``roi_heads.box_head.fc6``, ``roi_heads.mask_head.i.0`` ...), so converting a
@@ -96,13 +97,14 @@ def _add_fpn_batchnorm(fpn: nn.Module) -> None:
             block.append(nn.BatchNorm2d(conv.out_channels))
 
 
-def _body_name(sd: Mapping[str, Tensor]) -> str:
+def _body_name(sd: Mapping[str, Tensor], prefix: str = "backbone.body.") -> str:
+    """resdet's name of the ResNet whose keys are under ``prefix`` (``backbone.`` in torchvision's segmentation)."""
     blocks = []
     for stage in range(1, 5):
-        idx = {int(m.group(1)) for k in sd if (m := re.match(rf"^backbone\.body\.layer{stage}\.(\d+)\.", k))}
-        blocks.append(len(idx))
-    bottleneck = "backbone.body.layer1.0.conv3.weight" in sd
-    conv2 = sd["backbone.body.layer1.0.conv2.weight"]  # [width, width / groups, 3, 3]
+        pattern = re.compile(rf"^{re.escape(prefix)}layer{stage}\.(\d+)\.")
+        blocks.append(len({int(m.group(1)) for k in sd if (m := pattern.match(k))}))
+    bottleneck = f"{prefix}layer1.0.conv3.weight" in sd
+    conv2 = sd[f"{prefix}layer1.0.conv2.weight"]  # [width, width / groups, 3, 3]
     width, groups = conv2.shape[0], conv2.shape[0] // conv2.shape[1]
     key = (bottleneck, tuple(blocks), groups, width)
     name = _BODY_LAYOUTS.get(key)
@@ -193,13 +195,16 @@ def _bn_eps(model: nn.Module | None, sd: Mapping[str, Tensor], v2: bool) -> floa
 
 def from_torchvision(
     model_or_state_dict: nn.Module | Mapping[str, Tensor], *, bn_eps: float | None = None, **options
-) -> GeneralizedRCNN:
-    """A resdet detector that behaves like the given torchvision Faster / Mask R-CNN in inference.
+) -> nn.Module:
+    """A resdet model that behaves like the given torchvision detector or segmentation model in inference.
 
     Args:
         model_or_state_dict: a torchvision ``FasterRCNN`` / ``MaskRCNN`` on a ResNet-FPN backbone
             (``fasterrcnn_resnet50_fpn``, ``maskrcnn_resnet50_fpn``, their ``_v2`` forms, or any depth
             built with ``resnet_fpn_backbone``), or its state dict. Mask R-CNN is detected from the keys.
+            torchvision's ``DeepLabV3`` / ``FCN`` (``deeplabv3_resnet50/101``, ``fcn_resnet50/101``) or
+            their state dicts give a resdet :class:`~resdet.models.deeplab.DeepLab`
+            (:func:`resdet.models.torchvision_segmentation.segmentation_from_torchvision`).
         bn_eps: epsilon of the backbone's frozen BatchNorm. Default: read from the model; for a state
             dict 1e-5 when it has ``num_batches_tracked`` entries or is v2, else 0.0 (the value
             torchvision sets for the published COCO v1 weights).
@@ -211,6 +216,12 @@ def from_torchvision(
     """
     model = model_or_state_dict if isinstance(model_or_state_dict, nn.Module) else None
     raw = model.state_dict() if model is not None else dict(model_or_state_dict)
+    from .torchvision_segmentation import is_torchvision_segmentation, segmentation_from_torchvision
+
+    if is_torchvision_segmentation(raw):
+        if bn_eps is not None:
+            raise TypeError("bn_eps is an option of the detectors; DeepLabV3 / FCN keep torchvision's BatchNorm")
+        return segmentation_from_torchvision(model if model is not None else raw, **options)
     sd = convert_torchvision_state_dict(raw)
     fpn_bn = any(k.startswith("backbone.fpn.") and k.endswith("running_var") for k in sd)
     v2 = fpn_bn or "roi_heads.box_head.fc6.weight" not in sd
