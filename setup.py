@@ -45,6 +45,8 @@ setup(
     extras_require={
         # Deployment (resdet.export, tools/export.py): ONNX files checked with onnxruntime.
         "export": ["onnx>=1.23", "onnxruntime>=1.32"],
+        # tools/semantic_peer.py only: segmentation_models_pytorch, the peer the semantic models are compared with.
+        "peer": ["segmentation-models-pytorch>=0.6"],
         # The test extra includes the export extra so CI runs tests/test_export.py, and the linter .ci/run runs
         # (one minor version: a newer ruff may add checks to the rule families .ruff.toml selects).
         # cityscapesscripts: the reference PQ evaluation and panoptic converter the tests compare with.

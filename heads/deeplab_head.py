@@ -51,8 +51,16 @@ def _separable_norm_relu(cin: int, cout: int, *, norm: str, dilation: int = 1) -
 
 
 def _init_head(head: nn.Module, predictor: nn.Conv2d) -> None:
-    """MSRA fill (fan_out, ReLU) for the convs, unit/zero norms, N(0, 0.01) for the classifier (mmseg's init)."""
+    """MSRA fill (fan_out, ReLU) for the convs, unit/zero norms, N(0, 0.01) for the classifier (mmseg's init).
+
+    Depthwise convs take fan_in (9 taps): PyTorch's fan_out of a grouped conv ignores the groups (C·9 instead
+    of 9), which would start them ~C^½ times too small, i.e. with a far larger effective learning rate
+    behind their norm.
+    """
     init_convs_msra(head)
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels:
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
     for m in head.modules():
         if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resdet.layers.blocks import conv_norm_act, init_convs_msra
+from resdet.layers.sem_seg_loss import sem_seg_cross_entropy
 from resdet.layers.shape_spec import ShapeSpec
 
 __all__ = ["SemanticFPNHead"]
@@ -40,6 +41,7 @@ class SemanticFPNHead(nn.Module):
         common_stride: Stride at which the towers meet; logits are upsampled by it to the input.
         loss_weight: Factor on the cross-entropy.
         ignore_index: Target value excluded from the loss.
+        loss_top_k: Fraction of the hardest pixels the cross-entropy averages (1.0: all).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class SemanticFPNHead(nn.Module):
         common_stride: int = 4,
         loss_weight: float = 1.0,
         ignore_index: int = 255,
+        loss_top_k: float = 1.0,
     ) -> None:
         super().__init__()
         if not in_shapes:
@@ -63,6 +66,7 @@ class SemanticFPNHead(nn.Module):
         self.common_stride = common_stride
         self.loss_weight = loss_weight
         self.ignore_index = ignore_index
+        self.loss_top_k = loss_top_k
 
         self.scale_heads = nn.ModuleDict()
         for name, shape in in_shapes.items():
@@ -140,9 +144,5 @@ class SemanticFPNHead(nn.Module):
 
     def losses(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Cross-entropy of logits Tensor[N, K, Hp, Wp] against targets Tensor[N, Hp, Wp]."""
-        valid = targets != self.ignore_index
-        if not bool(valid.any()):
-            # Every pixel ignored: a zero that still connects to every parameter.
-            return logits.sum() * 0.0
-        loss = F.cross_entropy(logits, targets, reduction="mean", ignore_index=self.ignore_index)
+        loss = sem_seg_cross_entropy(logits, targets, ignore_index=self.ignore_index, top_k=self.loss_top_k)
         return loss * self.loss_weight

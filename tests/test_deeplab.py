@@ -170,3 +170,20 @@ def test_poly_schedule():
     warm = LRFactor(schedule="poly", max_iter=100, warmup_iters=10, warmup_factor=0.1)
     assert warm(0) == pytest.approx(0.1) and warm(10) == pytest.approx((1 - 0.1) ** 0.9)
     assert math.isclose(LRFactor(schedule="poly", max_iter=10, power=1.0)(5), 0.5)
+
+
+def test_hard_pixel_mining_loss():
+    from resdet.layers.sem_seg_loss import sem_seg_cross_entropy
+
+    logits = torch.randn(2, 3, 4, 5, requires_grad=True)
+    targets = torch.randint(0, 3, (2, 4, 5))
+    targets[0, 0] = 255
+    plain = torch.nn.functional.cross_entropy(logits, targets, ignore_index=255)
+    assert torch.equal(sem_seg_cross_entropy(logits, targets, ignore_index=255), plain)
+    per_pixel = torch.nn.functional.cross_entropy(logits, targets, ignore_index=255, reduction="none")
+    valid = per_pixel[targets != 255].sort(descending=True).values  # 35 pixels: the hardest 9 for 0.25
+    hard = sem_seg_cross_entropy(logits, targets, ignore_index=255, top_k=0.25)
+    torch.testing.assert_close(hard, valid[:9].mean())
+    ignored = sem_seg_cross_entropy(logits, torch.full_like(targets, 255), ignore_index=255, top_k=0.25)
+    ignored.backward()
+    assert ignored.item() == 0.0 and logits.grad is not None

@@ -87,3 +87,24 @@ def test_voc_semantic_config_reads_voc2012_train_and_val(tmp_path):
     assert target["sem_seg"].shape == image.shape[-2:] and set(target["sem_seg"].unique().tolist()) == {0, 15}
     evaluator = build_evaluator(cfg, val)
     assert evaluator.class_names[15] == "person"
+
+
+def test_voc_semantic_bad_label_and_size_name_the_file(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from resdet.data.image_io import ImageReadError
+    from resdet.data.voc import VOCDataset
+
+    root = tmp_path / "VOCdevkit"
+    _write_voc_semantic(root, "2012", {"train": ["2012_000001", "2012_000002"]})
+    seg = root / "VOC2012" / "SegmentationClass"
+    label = np.zeros((40, 48), np.uint8)
+    label[0, :3] = 30  # neither a VOC class (0..20) nor 255
+    Image.fromarray(label).save(seg / "2012_000001.png")
+    Image.fromarray(np.zeros((30, 48), np.uint8)).save(seg / "2012_000002.png")  # the image is 40x48
+    data = VOCDataset(str(root), "2012", "train", task="semantic")
+    with pytest.raises(ValueError, match=r"2012_000001\.png.*label\(s\) \[30\] at 3 pixels, expected 0\.\.20 or 255"):
+        data[0]
+    with pytest.raises(ImageReadError, match=r"2012_000002\.jpg.* is 40x48 .* but .*2012_000002\.png.* says 30x48"):
+        data[1]

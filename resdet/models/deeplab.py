@@ -44,6 +44,7 @@ class DeepLab(SemanticSegmentor):
         aux_classifier: Auxiliary head (an ``FCNHead`` on ``c4``) trained alongside; unused in evaluation.
         loss_weight: Factor on the main cross-entropy.
         aux_loss_weight: Factor on the auxiliary cross-entropy (torchvision's reference: 0.5).
+        loss_top_k: Fraction of the hardest pixels the losses average (1.0: plain cross-entropy).
         ignore_index: Target value excluded from the loss.
         test_output_stride: Backbone output stride in eval mode (None: the training one); the ASPP rates
             follow it.
@@ -64,6 +65,7 @@ class DeepLab(SemanticSegmentor):
         aux_classifier: nn.Module | None = None,
         loss_weight: float = 1.0,
         aux_loss_weight: float = 0.5,
+        loss_top_k: float = 1.0,
         ignore_index: int = 255,
         test_output_stride: int | None = None,
         return_logits: bool = False,
@@ -77,6 +79,7 @@ class DeepLab(SemanticSegmentor):
         self.aux_classifier = aux_classifier
         self.loss_weight = loss_weight
         self.aux_loss_weight = aux_loss_weight
+        self.loss_top_k = loss_top_k
         self.train_output_stride = backbone.output_stride
         self.test_output_stride = test_output_stride or backbone.output_stride
         aspp = getattr(classifier, "aspp", None)
@@ -113,12 +116,13 @@ class DeepLab(SemanticSegmentor):
         """``loss_sem_seg`` (and ``loss_aux``) against targets Tensor[N, Hp, Wp]."""
         features = self.backbone(batch)
         size = batch.shape[-2:]
-        ce = sem_seg_cross_entropy
-        losses = {"loss_sem_seg": ce(self._logits(features, self.classifier, size), targets,
-                                     ignore_index=self.ignore_index) * self.loss_weight}
+        def ce(head: nn.Module) -> Tensor:
+            return sem_seg_cross_entropy(self._logits(features, head, size), targets, ignore_index=self.ignore_index,
+                                         top_k=self.loss_top_k)
+
+        losses = {"loss_sem_seg": ce(self.classifier) * self.loss_weight}
         if self.aux_classifier is not None:
-            losses["loss_aux"] = ce(self._logits(features, self.aux_classifier, size), targets,
-                                    ignore_index=self.ignore_index) * self.aux_loss_weight
+            losses["loss_aux"] = ce(self.aux_classifier) * self.aux_loss_weight
         return losses
 
 
@@ -145,6 +149,7 @@ def deeplabv3(
     aux_loss: bool = False,
     aux_loss_weight: float = 0.5,
     loss_weight: float = 1.0,
+    loss_top_k: float = 1.0,
     ignore_index: int = 255,
     # input transform
     min_size: int | Sequence[int] | None = None,
@@ -183,6 +188,8 @@ def deeplabv3(
         aux_loss: Train an auxiliary FCN head on ``c4`` (torchvision's ``aux_loss``).
         aux_loss_weight: Its loss factor.
         loss_weight: Factor on the main cross-entropy.
+        loss_top_k: Fraction of the hardest pixels the cross-entropy averages (1.0: all; detectron2's
+            DeepLab ``hard_pixel_mining``: 0.2).
         ignore_index: Label excluded from the loss (and used to pad targets).
         min_size: Shortest side the model resizes images to (None: keep the input size).
         max_size: Longest-side cap of that resize.
@@ -274,6 +281,6 @@ def _build(kind: str, *, backbone: str, num_classes: int, low_level_channels: in
         ignore_index=o["ignore_index"],
     )
     return DeepLab(body, classifier, transform, aux_classifier=aux, loss_weight=o["loss_weight"],
-                   aux_loss_weight=o["aux_loss_weight"], ignore_index=o["ignore_index"],
+                   aux_loss_weight=o["aux_loss_weight"], loss_top_k=o["loss_top_k"], ignore_index=o["ignore_index"],
                    test_output_stride=o["test_output_stride"], return_logits=o["return_logits"],
                    test_crop_size=o["test_crop_size"], test_stride=o["test_stride"])

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from resdet.layers.sem_seg_loss import sem_seg_cross_entropy
 from resdet.layers.tracing import is_tracing
 
 from .transform import IMAGENET_MEAN, IMAGENET_STD, ImageBatcher, min_sizes, resized_size
@@ -168,14 +169,6 @@ class SemSegTransform(ImageBatcher):
             f"crop_size={self.crop_size}, mean={self.image_mean}, std={self.image_std}, "
             f"size_divisible={self.size_divisible}, ignore_index={self.ignore_index}"
         )
-
-
-def sem_seg_cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int) -> Tensor:
-    """Mean cross-entropy of logits Tensor[N, K, Hp, Wp] against targets Tensor[N, Hp, Wp] over the pixels
-    that are not ``ignore_index``; a zero still connected to the logits when every pixel is ignored."""
-    if not bool((targets != ignore_index).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
 
 def _windows(size: int, crop: int, stride: int) -> list[tuple[int, int]]:

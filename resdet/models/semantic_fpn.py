@@ -95,6 +95,7 @@ def semantic_fpn(
     head_norm: str | None = "gn",
     common_stride: int = 4,
     loss_weight: float = 1.0,
+    loss_top_k: float = 1.0,
     ignore_index: int = 255,
     # input transform
     min_size: int | Sequence[int] | None = None,
@@ -134,6 +135,7 @@ def semantic_fpn(
         head_norm: Norm in the semantic head ("gn" as in Panoptic FPN).
         common_stride: Stride at which the semantic head's towers meet.
         loss_weight: Factor on the semantic cross-entropy.
+        loss_top_k: Fraction of the hardest pixels the cross-entropy averages (1.0: all).
         ignore_index: Label excluded from the loss (and used to pad targets).
         min_size: Shortest side the model resizes images to (None: keep the input size, the data
             pipeline decides the scale).
@@ -177,6 +179,7 @@ def semantic_fpn(
         common_stride=common_stride,
         loss_weight=loss_weight,
         ignore_index=ignore_index,
+        loss_top_k=loss_top_k,
     )
     transform = SemSegTransform(
         min_size=min_size,
