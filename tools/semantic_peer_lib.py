@@ -92,25 +92,67 @@ def run_one(config: str, side: str, seed: int, output_dir: str, overrides: list[
             "params": params, "threads": torch.get_num_threads()}
 
 
-def run_all(archs: list[str], seeds: list[int], out: Path, overrides: list[str], log=print) -> list[dict[str, Any]]:
-    """Every (arch, seed) for both sides, each run in its own process, the sides interleaved (the first
-    side alternates from seed to seed) so that machine load drifts over both alike."""
-    rows = []
-    for arch in archs:
-        config = ARCHS[arch][0]
-        for i, seed in enumerate(seeds):
-            for side in (SIDES if i % 2 == 0 else SIDES[::-1]):
+def plan(archs: list[str], seeds: list[int]) -> list[list[tuple[str, int, str]]]:
+    """The runs as (arch, seed, side), grouped in pairs of one seed; the side that goes first alternates
+    from seed to seed, so that load drifting over a sequential comparison falls on both sides alike."""
+    return [[(arch, seed, side) for side in (SIDES if i % 2 == 0 else SIDES[::-1])]
+            for arch in archs for i, seed in enumerate(seeds)]
+
+
+def run_all(
+    archs: list[str], seeds: list[int], out: Path, overrides: list[str], *, jobs: int = 1, log=print
+) -> list[dict[str, Any]]:
+    """Every (arch, seed) for both sides, each run in its own process (logs in its run folder).
+
+    ``jobs=1`` runs them one after the other in :func:`plan`'s order. ``jobs >= 2`` runs up to ``jobs``
+    at once and starts the two sides of a seed together, so that each resdet/smp pair (whose time ratio
+    the table reports) shares the same machine load; a run that fails stops the comparison with its log's
+    tail.
+    """
+    groups = plan(archs, seeds)
+    if jobs < 2:
+        groups = [[run] for group in groups for run in group]
+    pending, running, rows = list(groups), {}, []
+    while pending or running:
+        while pending and len(running) + len(pending[0]) <= max(jobs, 1):
+            for arch, seed, side in pending.pop(0):
                 run_dir = out / f"{arch}_{side}_seed{seed}"
+                run_dir.mkdir(parents=True, exist_ok=True)
                 cmd = [sys.executable, str(Path(__file__).with_name("semantic_peer.py")), "--one", side,
-                       "--config", config, "--seed", str(seed), "--output", str(run_dir), *overrides]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-                if done.returncode != 0 or not lines:
-                    raise RuntimeError(f"{arch} {side} seed {seed} failed:\n{done.stderr[-3000:]}")
-                row = {"arch": arch, **json.loads(lines[-1])}
-                log(json.dumps(row))
-                rows.append(row)
+                       "--config", ARCHS[arch][0], "--seed", str(seed), "--output", str(run_dir), *overrides]
+                with open(run_dir / "peer.log", "w") as f:  # the child keeps its own copy of the handle
+                    running[subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)] = (arch, seed, side, run_dir)
+        done = [proc for proc in running if proc.poll() is not None]
+        if not done:
+            time.sleep(1.0)
+            continue
+        for proc in done:
+            arch, seed, side, run_dir = running.pop(proc)
+            text = (run_dir / "peer.log").read_text(errors="replace")
+            lines = [line for line in text.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                for other in running:
+                    other.terminate()
+                last = next((line for line in reversed(text.splitlines()) if line.strip()), "no output")
+                raise RuntimeError(f"{arch} {side} seed {seed} failed (exit {proc.returncode}): {last.strip()} "
+                                   f"(log: {run_dir / 'peer.log'})")
+            row = {"arch": arch, "jobs": jobs, **json.loads(lines[-1])}
+            log(json.dumps(row))
+            rows.append(row)
     return rows
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Rows of a ``results.jsonl``, the newest per (arch, side, seed)."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for n, line in enumerate(open(path), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                rows[(row["arch"], row["side"], row["seed"])] = row
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{path}:{n}: not a result row ({e})") from None
+    return list(rows.values())
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -140,6 +182,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             ratios = [a["train_s"] / b["train_s"] for a, b in pairs]
             margin = statistics.fmean(r["mIoU"] for r in ours) - statistics.fmean(r["mIoU"] for r in peer)
             spread = max(_stats([r["mIoU"] for r in ours])[1], _stats([r["mIoU"] for r in peer])[1])
-            verdicts.append(f"{arch}: resdet - smp mIoU {margin:+.3f} (largest seed spread {spread:.3f}); "
-                            f"resdet/smp training time per seed {', '.join(f'{x:.2f}' for x in ratios)}")
+            ahead = "more" if margin > spread else "not more"
+            times = ", ".join(f"{x:.2f}" for x in ratios) or "no pairs"
+            verdicts.append(f"{arch}: resdet - smp mIoU {margin:+.3f}, {ahead} than the largest seed spread "
+                            f"({spread:.3f}); resdet/smp training time per seed: {times}")
     return "\n".join(out + [""] + verdicts)
