@@ -16,9 +16,8 @@ state dicts load unchanged.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -2,19 +2,13 @@
 need segmentation_models_pytorch, a benchmark-only extra, and are not run here)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
-from tool_loader import TOOLS, load_tool
+from helpers import load_tool, load_tool_module
 
 
 def _lib():
-    sys.path.insert(0, str(TOOLS))  # semantic_peer.py imports its lib from next to itself
-    spec = importlib.util.spec_from_file_location("semantic_peer_lib", TOOLS / "semantic_peer_lib.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_module("semantic_peer_lib")
 
 
 def _row(arch, side, seed, miou, train_s):

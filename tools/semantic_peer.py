@@ -24,8 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # semantic_peer_lib next to this file
 
-from resdet.engine.cli import add_debug_flag, run_guarded  # noqa: E402
 from semantic_peer_lib import ARCHS, SIDES, read_results, run_all, run_one, table  # noqa: E402
+
+from resdet.engine.cli import add_debug_flag, run_guarded  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

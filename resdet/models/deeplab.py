@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor, nn
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from resdet.backbones.resnet import ResNet, build_resnet
 from resdet.heads.deeplab_head import DeepLabV3Head, DeepLabV3PlusHead, FCNHead, aspp_rates

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from .builders import faster_rcnn, mask_rcnn
-from .rcnn import GeneralizedRCNN
 
 __all__ = ["convert_torchvision_state_dict", "from_torchvision", "infer_torchvision_options"]
 

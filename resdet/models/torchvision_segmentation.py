@@ -69,7 +69,8 @@ def segmentation_from_torchvision(model_or_state_dict: nn.Module | Mapping[str, 
     model = model_or_state_dict if isinstance(model_or_state_dict, nn.Module) else None
     sd = dict(model.state_dict() if model is not None else model_or_state_dict)
     if not is_torchvision_segmentation(sd):
-        raise ValueError("not a torchvision DeepLabV3 / FCN state dict: expected backbone.conv1.* and classifier.* keys")
+        raise ValueError("not a torchvision DeepLabV3 / FCN state dict: expected backbone.conv1.* and "
+                         "classifier.* keys")
     arch, settings = _settings(model, sd)
     settings.update(min_size=None, max_size=None, size_divisible=1)
     settings.update(options)
