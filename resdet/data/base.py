@@ -147,8 +147,9 @@ class DetectionDatasetBase(Dataset):
         return record["path"]
 
     def _check_sem_seg(self, record: dict[str, Any], sem_seg: np.ndarray) -> None:
-        """Raise naming the label file when a semantic label is outside ``0..num_classes-1`` and not ignored."""
-        num_classes = getattr(self, "num_classes", None)
+        """Raise naming the label file when a semantic label is outside ``0..num_classes-1`` and not ignored
+        (a dataset whose ``sem_seg`` classes are not its ``num_classes`` says so in ``num_sem_seg_classes``)."""
+        num_classes = getattr(self, "num_sem_seg_classes", getattr(self, "num_classes", None))
         if num_classes is None:
             return
         bad = (sem_seg != IGNORE_LABEL) & ((sem_seg < 0) | (sem_seg >= num_classes))

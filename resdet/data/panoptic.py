@@ -112,6 +112,11 @@ class CocoPanopticDataset(DetectionDatasetBase):
         """Stuff categories S; the semantic branch predicts S + 1 classes (0 = any thing)."""
         return len(self.stuff_cat_ids)
 
+    @property
+    def num_sem_seg_classes(self) -> int:
+        """Classes of the ``sem_seg`` targets: S + 1 (0 = any thing, 1..S stuff)."""
+        return self.num_stuff_classes + 1
+
     # ------------------------------------------------------------------------------------------ records
     def _load_json(self) -> dict[str, Any]:
         if not os.path.isfile(self.ann_file):
