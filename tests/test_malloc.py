@@ -36,8 +36,9 @@ def test_freed_memory_is_reused_without_page_faults():
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True)
     default, applied, tuned = out.stdout.split()
     assert applied == "True"
-    assert int(default) > 10_000  # glibc's default: a fresh mapping, faulted in page by page (16k pages)
-    assert int(tuned) < 1_000  # tuned: the freed block is reused
+    # glibc's default: a fresh mapping, faulted in page by page (16k pages of 4 KiB, fewer where the kernel backs it
+    # with huge pages); tuned: the freed block is reused from the heap, almost without faults.
+    assert int(default) >= 10 * max(int(tuned), 1), (default, tuned)
 
 
 def test_no_glibc_or_no_mallopt_is_a_quiet_no_op(monkeypatch):
