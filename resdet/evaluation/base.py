@@ -7,9 +7,10 @@ from abc import ABC, abstractmethod
 from typing import Any, Iterable
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
-__all__ = ["DatasetEvaluator", "inference_on_dataset"]
+__all__ = ["DatasetEvaluator", "inference_on_dataset", "sum_over_ranks"]
 
 
 class DatasetEvaluator(ABC):
@@ -89,3 +90,21 @@ def _to_cpu(value: Any) -> Any:
     if not isinstance(value, torch.Tensor):
         return value
     return value.float().cpu() if value.is_floating_point() else value.cpu()
+
+
+def sum_over_ranks(counts: Tensor, distributed: bool | None = None) -> Tensor:
+    """Sums a CPU count tensor over all ranks and returns it on the CPU.
+
+    Args:
+        counts: Per-rank counts (any shape), on the CPU.
+        distributed: True/False forces the choice; None sums when a process group of more than one rank
+            is initialized. Under NCCL the tensor travels through the current CUDA device.
+    """
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not distributed:
+        return counts
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    total = counts.to(device, copy=True)  # all_reduce works in place: the rank's own counts stay as they are
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.cpu()

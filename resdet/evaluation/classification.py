@@ -17,10 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .base import DatasetEvaluator
+from .base import DatasetEvaluator, sum_over_ranks
 
 __all__ = ["ClassificationEvaluator", "topk_correct"]
 
@@ -88,17 +87,8 @@ class ClassificationEvaluator(DatasetEvaluator):
     def _total(self) -> Tensor:
         if self._reduced is not None:
             return self._reduced
-        counts = self.counts
-        use_dist = self.distributed
-        if use_dist is None:
-            use_dist = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if use_dist:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            counts = counts.to(device)
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-            counts = counts.cpu()
-        self._reduced = counts
-        return counts
+        self._reduced = sum_over_ranks(self.counts, self.distributed)
+        return self._reduced
 
     def evaluate(self) -> dict[str, float]:
         """Flat metrics over everything processed (all ranks when distributed); NaN when nothing was."""

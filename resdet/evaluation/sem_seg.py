@@ -18,10 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .base import DatasetEvaluator
+from .base import DatasetEvaluator, sum_over_ranks
 
 __all__ = ["SemSegEvaluator", "confusion_matrix", "metrics_from_confusion"]
 
@@ -149,17 +148,8 @@ class SemSegEvaluator(DatasetEvaluator):
     def _total_confusion(self) -> Tensor:
         if self._reduced is not None:
             return self._reduced
-        conf = self.conf
-        use_dist = self.distributed
-        if use_dist is None:
-            use_dist = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if use_dist:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            conf = conf.to(device)
-            dist.all_reduce(conf, op=dist.ReduceOp.SUM)
-            conf = conf.cpu()
-        self._reduced = conf
-        return conf
+        self._reduced = sum_over_ranks(self.conf, self.distributed)
+        return self._reduced
 
     def evaluate(self) -> dict[str, float]:
         """Flat metrics over everything processed (all ranks when distributed)."""
